@@ -1,0 +1,10 @@
+"""forwarder: a Fluentd Forward-protocol collector for Docker hosts."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("forwarder")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+source"
+
+__all__ = ["__version__"]

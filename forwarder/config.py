@@ -1,0 +1,489 @@
+"""Configuration: pydantic models, TOML loading, and errors that name the key or the line.
+
+The TOML file is read here and nowhere else; every other module receives the frozen
+:class:`Config`. Each ``Field`` carries its description, so the JSON Schema in ``schemas/``
+and the reference table in the README are generated from these models.
+
+Strings may use ``${NAME}`` to take a value from the environment (``$${`` is a literal
+``${``). Secrets can also come from files: ``shared_key_file`` and ``password_file``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+# --- value types --------------------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|K|M|G)?\s*$")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "K": 1024,
+    "M": 1024**2,
+    "G": 1024**3,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+}
+
+
+def parse_duration(value: object) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like \"250ms\", \"1s\", \"2m\", or seconds")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration can't be negative")
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            return timedelta(seconds=float(match[1]) * _DURATION_UNITS[match[2]])
+    raise ValueError(f"{value!r} is not a duration like \"250ms\", \"1s\", \"2m\", \"1h\"")
+
+
+def parse_size(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a size like \"512KiB\", \"8MiB\", or a number of bytes")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size can't be negative")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match:
+            return int(float(match[1]) * _SIZE_UNITS[match[2]])
+    raise ValueError(f"{value!r} is not a size like \"512KiB\", \"8MiB\", \"1GiB\" or bytes")
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": _DURATION_RE.pattern},
+                {"type": "number", "minimum": 0},
+            ]
+        }
+    ),
+]
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": _SIZE_RE.pattern},
+                {"type": "integer", "minimum": 0},
+            ]
+        }
+    ),
+]
+
+
+def _duration_default(text: str) -> Any:
+    # Defaults are written as the user would write them, so that the schema and the docs show
+    # "1s" rather than a serialised timedelta; validate_default turns them into timedelta.
+    return text
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=False
+    )
+
+
+# --- sections -----------------------------------------------------------------------------
+
+
+def _default_docker_host() -> str:
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+class DockerConfig(_Section):
+    host: str = Field(
+        default_factory=_default_docker_host,
+        description="The Docker Engine API address: unix:///path, tcp://host:port. "
+        "Default: $DOCKER_HOST, else unix:///var/run/docker.sock.",
+        json_schema_extra={"default": "$DOCKER_HOST or unix:///var/run/docker.sock"},
+    )
+    read_from: Literal["tail", "head"] = Field(
+        default="tail",
+        description="For containers already running at the very first start: \"tail\" reads "
+        "from now, \"head\" reads their whole log. Containers started later are always read "
+        "whole, and a container with a saved position resumes from it.",
+    )
+    max_line_bytes: Size = Field(
+        default="1MiB",
+        description="The longest line, after joining the pieces the engine splits long lines "
+        "into. A longer line is split at this size, and the log says so.",
+    )
+    exclude_self: bool = Field(
+        default=True,
+        description="Skip the container forwarder itself runs in, so its own log can't feed "
+        "back into itself.",
+    )
+    exclude_label: str = Field(
+        default="forwarder.exclude",
+        description="Containers with this label set to \"true\" are not followed.",
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme == "unix" and parts.path:
+            return value
+        if parts.scheme in {"tcp", "http", "https"} and parts.hostname:
+            return value
+        raise ValueError(f"{value!r} is not unix:///path or tcp://host:port")
+
+
+class ServerConfig(_Section):
+    url: str = Field(description="tcp://host:port, tls://host:port or unix:///path.")
+    weight: int = Field(default=60, ge=0, le=10000, description="Share of chunks, by weight.")
+    standby: bool = Field(
+        default=False, description="Used only while no primary server is healthy."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parse_server_url(value)
+        return value
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return parse_server_url(self.url)
+
+
+class Endpoint(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    scheme: Literal["tcp", "tls", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+def parse_server_url(value: str) -> Endpoint:
+    """Parse ``tcp://host:port``, ``tls://host:port`` or ``unix:///path``."""
+    problem = f"{value!r} is not tcp://host:port, tls://host:port or unix:///path"
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(problem) from exc
+    if parts.scheme == "unix":
+        if parts.netloc or not parts.path.startswith("/"):
+            raise ValueError(problem)
+        return Endpoint(scheme="unix", path=parts.path)
+    if parts.scheme in {"tcp", "tls"}:
+        if not parts.hostname or port is None or parts.path not in {"", "/"} or parts.query:
+            raise ValueError(problem)
+        return Endpoint(scheme=parts.scheme, host=parts.hostname, port=port)
+    raise ValueError(problem)
+
+
+def _coerce_servers(value: object) -> object:
+    if isinstance(value, list):
+        return [{"url": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
+class TLSConfig(_Section):
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle to verify servers with; default: the system store."
+    )
+    cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
+    key_file: Path | None = Field(default=None, description="Client private key (mutual TLS).")
+    verify: bool = Field(default=True, description="Verify the server certificate and name.")
+    server_name: str | None = Field(
+        default=None, description="Name to expect in the certificate; default: the URL's host."
+    )
+    min_version: Literal["1.2", "1.3"] = Field(default="1.2", description="Lowest TLS version.")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class OutputConfig(_Section):
+    mode: Literal["forward", "stdout"] = Field(
+        default="forward",
+        description="\"forward\" ships to the servers; \"stdout\" prints each record as a JSON "
+        "line, for trying forwarder out.",
+    )
+    servers: Annotated[list[ServerConfig], BeforeValidator(_coerce_servers)] = Field(
+        default_factory=lambda: [ServerConfig(url="tcp://127.0.0.1:24224")],
+        min_length=1,
+        description="Forward servers: URLs, or tables {url, weight, standby}.",
+        json_schema_extra={"default": ["tcp://127.0.0.1:24224"]},
+    )
+    flush_interval: Duration = Field(
+        default=_duration_default("1s"),
+        description="The longest a record waits before its chunk is sent. A chunk is also sent "
+        "at once when the input goes quiet.",
+    )
+    chunk_limit: Size = Field(default="1MiB", description="The largest chunk, in bytes.")
+    require_ack: bool = Field(default=True, description="Ask the server to ack every chunk.")
+    ack_timeout: Duration = Field(
+        default=_duration_default("30s"), description="How long to wait for a chunk's ack."
+    )
+    connect_timeout: Duration = Field(
+        default=_duration_default("10s"), description="How long a connection attempt may take."
+    )
+    compress: Literal["none", "gzip"] = Field(
+        default="none", description="\"gzip\" sends CompressedPackedForward."
+    )
+    buffer_limit: Size = Field(
+        default="64MiB",
+        description="Bytes of chunks held in memory before the followers pause.",
+    )
+    retry_wait: Duration = Field(
+        default=_duration_default("1s"), description="The first wait before a resend."
+    )
+    retry_max_wait: Duration = Field(
+        default=_duration_default("60s"), description="The longest wait between resends."
+    )
+    heartbeat_interval: Duration = Field(
+        default=_duration_default("1s"),
+        description="How often a server marked down is probed with a TCP connect.",
+    )
+    self_hostname: str = Field(
+        default_factory=socket.gethostname,
+        description="Our name in the handshake. Default: the host's name.",
+        json_schema_extra={"default": "the host's name"},
+    )
+    shared_key: str | None = Field(default=None, description="Shared key for the handshake.")
+    shared_key_file: Path | None = Field(
+        default=None, description="A file holding the shared key (trailing newline ignored)."
+    )
+    username: str | None = Field(default=None, description="User for the handshake's user auth.")
+    password: str | None = Field(default=None, description="Password for the user auth.")
+    password_file: Path | None = Field(
+        default=None, description="A file holding the password (trailing newline ignored)."
+    )
+    tls: TLSConfig = Field(default_factory=TLSConfig, description="TLS for tls:// servers.")
+
+    @model_validator(mode="after")
+    def _check(self) -> OutputConfig:
+        if self.shared_key is not None and self.shared_key_file is not None:
+            raise ValueError("set shared_key or shared_key_file, not both")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        if self.retry_max_wait < self.retry_wait:
+            raise ValueError("retry_max_wait is shorter than retry_wait")
+        return self
+
+    def secret_shared_key(self) -> str | None:
+        return _read_secret(self.shared_key, self.shared_key_file)
+
+    def secret_password(self) -> str | None:
+        return _read_secret(self.password, self.password_file)
+
+
+def _read_secret(value: str | None, path: Path | None) -> str | None:
+    if path is None:
+        return value
+    return path.read_text(encoding="utf-8").rstrip("\r\n")
+
+
+class StateConfig(_Section):
+    dir: Path = Field(
+        default=Path("/var/lib/forwarder"),
+        description="Where positions and the disk buffer live.",
+    )
+
+
+class TagsConfig(_Section):
+    logs: str = Field(
+        default="docker.{{.Name}}",
+        description="Tag of log records, in Docker's tag template syntax: {{.ID}} {{.FullID}} "
+        "{{.Name}} {{.ImageName}} {{.ImageID}} {{.DaemonName}}.",
+    )
+    stats: str = Field(default="docker.stats.{{.Name}}", description="Tag of stats records.")
+    events: str = Field(
+        default="docker.events.{{.Name}}", description="Tag of lifecycle event records."
+    )
+
+    @field_validator("logs", "stats", "events")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        from forwarder.tags import compile_template
+
+        compile_template(value)
+        return value
+
+
+class StatsConfig(_Section):
+    interval: Duration = Field(
+        default=_duration_default("10s"),
+        description="How often each container's stats are shipped; \"0s\" turns stats off.",
+    )
+
+
+class BufferConfig(_Section):
+    max_bytes: Size = Field(
+        default="256MiB", description="The most the disk buffer under [state] dir may hold."
+    )
+    overflow: Literal["block", "drop_oldest"] = Field(
+        default="block",
+        description="When the buffer is full: \"block\" pauses the followers (the engine's log "
+        "files hold the data); \"drop_oldest\" drops the oldest chunk, counted and logged.",
+    )
+
+
+class ServiceConfig(_Section):
+    shutdown_timeout: Duration = Field(
+        default=_duration_default("10s"),
+        description="On SIGTERM, how long to keep delivering before exiting.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="The collector's own log level (to stderr)."
+    )
+
+
+class Config(_Section):
+    docker: DockerConfig = Field(default_factory=DockerConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    tags: TagsConfig = Field(default_factory=TagsConfig)
+    stats: StatsConfig = Field(default_factory=StatsConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """The configuration is wrong; the message names the key or the line."""
+
+
+_ENV_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(value: Any, path: str, env: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            if match[0] == "$${":
+                return "${"
+            name = match[1]
+            if name not in env:
+                raise ConfigError(f"{path}: environment variable {name} is not set")
+            return env[name]
+
+        return _ENV_RE.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else k, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+def _describe(error: Any) -> str:
+    loc = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(error["loc"][:-1])
+        allowed = ", ".join(sorted(parent.model_fields)) if parent else ""
+        return f"{loc}: unknown key" + (f" (allowed: {allowed})" if allowed else "")
+    message = str(error["msg"])
+    message = message.removeprefix("Value error, ")
+    if "input" in error and kind not in {"missing"} and not isinstance(error["input"], dict):
+        shown = repr(error["input"])
+        if loc.endswith(("shared_key", "password")):
+            shown = "(hidden)"
+        return f"{loc}: {message} (got {shown})"
+    return f"{loc}: {message}"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        for candidate in candidates:
+            inner = [candidate, *getattr(candidate, "__args__", ())]
+            found = next(
+                (c for c in inner if isinstance(c, type) and issubclass(c, BaseModel)), None
+            )
+            if found is not None:
+                model = found
+                break
+        else:
+            return None
+    return model
+
+
+def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    expanded = _expand_env(dict(data), "", os.environ if env is None else env)
+    try:
+        return Config.model_validate(expanded)
+    except ValidationError as exc:
+        lines = [_describe(err) for err in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: Path | str | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read and check a TOML config; ``None`` gives the defaults."""
+    if path is None:
+        return config_from_dict({}, env)
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: can't read the config: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    try:
+        return config_from_dict(data, env)
+    except ConfigError as exc:
+        raise ConfigError(
+            "\n".join(f"{path}: {line}" for line in str(exc).splitlines())
+        ) from None

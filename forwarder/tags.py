@@ -1,0 +1,60 @@
+"""Docker-style tag templates, with the same meaning as ``docker run --log-opt tag=``.
+
+Supported fields: ``{{.ID}}`` (12-character id), ``{{.FullID}}``, ``{{.Name}}`` (without the
+leading ``/``), ``{{.ImageName}}``, ``{{.ImageID}}`` (12 characters, no ``sha256:``),
+``{{.ImageFullID}}`` and ``{{.DaemonName}}`` (``docker``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from forwarder.events import ContainerInfo
+
+_FIELD_RE = re.compile(r"\{\{\s*\.([A-Za-z]+)\s*\}\}")
+_ANY_ACTION_RE = re.compile(r"\{\{|\}\}")
+
+_FIELDS: dict[str, Callable[[ContainerInfo], str]] = {
+    "ID": lambda c: c.id[:12],
+    "FullID": lambda c: c.id,
+    "Name": lambda c: c.name.lstrip("/"),
+    "ImageName": lambda c: c.image,
+    "ImageID": lambda c: c.image_id.removeprefix("sha256:")[:12],
+    "ImageFullID": lambda c: c.image_id,
+    "DaemonName": lambda c: "docker",
+}
+
+Template = Callable[[ContainerInfo], str]
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def compile_template(template: str) -> Template:
+    """Turn a template into a function of a container; unknown fields are an error."""
+    parts: list[str | Callable[[ContainerInfo], str]] = []
+    pos = 0
+    for match in _FIELD_RE.finditer(template):
+        literal = template[pos : match.start()]
+        if _ANY_ACTION_RE.search(literal):
+            raise TemplateError(f"{template!r}: unsupported template action in {literal!r}")
+        if literal:
+            parts.append(literal)
+        name = match[1]
+        if name not in _FIELDS:
+            allowed = " ".join("{{." + k + "}}" for k in _FIELDS)
+            raise TemplateError(f"{template!r}: unknown field .{name} (allowed: {allowed})")
+        parts.append(_FIELDS[name])
+        pos = match.end()
+    tail = template[pos:]
+    if _ANY_ACTION_RE.search(tail):
+        raise TemplateError(f"{template!r}: unsupported template action in {tail!r}")
+    if tail:
+        parts.append(tail)
+
+    def render(container: ContainerInfo) -> str:
+        return "".join(p if isinstance(p, str) else p(container) for p in parts)
+
+    return render
