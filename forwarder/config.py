@@ -55,7 +55,7 @@ def parse_duration(value: object) -> timedelta:
     if isinstance(value, timedelta):
         return value
     if isinstance(value, bool):
-        raise ValueError("expected a duration like \"250ms\", \"1s\", \"2m\", or seconds")
+        raise ValueError('expected a duration like "250ms", "1s", "2m", or seconds')
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration can't be negative")
@@ -64,12 +64,12 @@ def parse_duration(value: object) -> timedelta:
         match = _DURATION_RE.match(value)
         if match:
             return timedelta(seconds=float(match[1]) * _DURATION_UNITS[match[2]])
-    raise ValueError(f"{value!r} is not a duration like \"250ms\", \"1s\", \"2m\", \"1h\"")
+    raise ValueError(f'{value!r} is not a duration like "250ms", "1s", "2m", "1h"')
 
 
 def parse_size(value: object) -> int:
     if isinstance(value, bool):
-        raise ValueError("expected a size like \"512KiB\", \"8MiB\", or a number of bytes")
+        raise ValueError('expected a size like "512KiB", "8MiB", or a number of bytes')
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size can't be negative")
@@ -78,7 +78,7 @@ def parse_size(value: object) -> int:
         match = _SIZE_RE.match(value)
         if match:
             return int(float(match[1]) * _SIZE_UNITS[match[2]])
-    raise ValueError(f"{value!r} is not a size like \"512KiB\", \"8MiB\", \"1GiB\" or bytes")
+    raise ValueError(f'{value!r} is not a size like "512KiB", "8MiB", "1GiB" or bytes')
 
 
 Duration = Annotated[
@@ -113,6 +113,10 @@ def _duration_default(text: str) -> Any:
     return text
 
 
+def _size_default(text: str) -> Any:
+    return text
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=False
@@ -135,12 +139,12 @@ class DockerConfig(_Section):
     )
     read_from: Literal["tail", "head"] = Field(
         default="tail",
-        description="For containers already running at the very first start: \"tail\" reads "
-        "from now, \"head\" reads their whole log. Containers started later are always read "
+        description='For containers already running at the very first start: "tail" reads '
+        'from now, "head" reads their whole log. Containers started later are always read '
         "whole, and a container with a saved position resumes from it.",
     )
     max_line_bytes: Size = Field(
-        default="1MiB",
+        default=_size_default("1MiB"),
         description="The longest line, after joining the pieces the engine splits long lines "
         "into. A longer line is split at this size, and the log says so.",
     )
@@ -151,7 +155,7 @@ class DockerConfig(_Section):
     )
     exclude_label: str = Field(
         default="forwarder.exclude",
-        description="Containers with this label set to \"true\" are not followed.",
+        description='Containers with this label set to "true" are not followed.',
     )
 
     @field_validator("host")
@@ -245,7 +249,7 @@ class TLSConfig(_Section):
 class OutputConfig(_Section):
     mode: Literal["forward", "stdout"] = Field(
         default="forward",
-        description="\"forward\" ships to the servers; \"stdout\" prints each record as a JSON "
+        description='"forward" ships to the servers; "stdout" prints each record as a JSON '
         "line, for trying forwarder out.",
     )
     servers: Annotated[list[ServerConfig], BeforeValidator(_coerce_servers)] = Field(
@@ -259,7 +263,9 @@ class OutputConfig(_Section):
         description="The longest a record waits before its chunk is sent. A chunk is also sent "
         "at once when the input goes quiet.",
     )
-    chunk_limit: Size = Field(default="1MiB", description="The largest chunk, in bytes.")
+    chunk_limit: Size = Field(
+        default=_size_default("1MiB"), description="The largest chunk, in bytes."
+    )
     require_ack: bool = Field(default=True, description="Ask the server to ack every chunk.")
     ack_timeout: Duration = Field(
         default=_duration_default("30s"), description="How long to wait for a chunk's ack."
@@ -268,10 +274,10 @@ class OutputConfig(_Section):
         default=_duration_default("10s"), description="How long a connection attempt may take."
     )
     compress: Literal["none", "gzip"] = Field(
-        default="none", description="\"gzip\" sends CompressedPackedForward."
+        default="none", description='"gzip" sends CompressedPackedForward.'
     )
     buffer_limit: Size = Field(
-        default="64MiB",
+        default=_size_default("64MiB"),
         description="Bytes of chunks held in memory before the followers pause.",
     )
     retry_wait: Duration = Field(
@@ -353,18 +359,19 @@ class TagsConfig(_Section):
 class StatsConfig(_Section):
     interval: Duration = Field(
         default=_duration_default("10s"),
-        description="How often each container's stats are shipped; \"0s\" turns stats off.",
+        description='How often each container\'s stats are shipped; "0s" turns stats off.',
     )
 
 
 class BufferConfig(_Section):
     max_bytes: Size = Field(
-        default="256MiB", description="The most the disk buffer under [state] dir may hold."
+        default=_size_default("256MiB"),
+        description="The most the disk buffer under [state] dir may hold.",
     )
     overflow: Literal["block", "drop_oldest"] = Field(
         default="block",
-        description="When the buffer is full: \"block\" pauses the followers (the engine's log "
-        "files hold the data); \"drop_oldest\" drops the oldest chunk, counted and logged.",
+        description='When the buffer is full: "block" pauses the followers (the engine\'s log '
+        'files hold the data); "drop_oldest" drops the oldest chunk, counted and logged.',
     )
 
 
@@ -484,6 +491,4 @@ def load_config(path: Path | str | None, env: Mapping[str, str] | None = None) -
     try:
         return config_from_dict(data, env)
     except ConfigError as exc:
-        raise ConfigError(
-            "\n".join(f"{path}: {line}" for line in str(exc).splitlines())
-        ) from None
+        raise ConfigError("\n".join(f"{path}: {line}" for line in str(exc).splitlines())) from None

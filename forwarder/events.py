@@ -39,12 +39,12 @@ class EventTime(NamedTuple):
 class Position(NamedTuple):
     """How far a container's log has been taken.
 
-    ``ts_ns`` is the engine timestamp of the last line taken, and ``count`` is how many lines
+    ``ts_ns`` is the engine timestamp of the last line taken, and ``taken`` is how many lines
     carrying exactly that nanosecond were taken, since several lines can share one.
     """
 
     ts_ns: int
-    count: int
+    taken: int
 
     def since_param(self) -> str:
         """The engine's ``since`` value for resuming here (inclusive of ``ts_ns``)."""

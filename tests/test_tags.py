@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+
+from forwarder.events import ContainerInfo
+from forwarder.tags import TemplateError, compile_template
+
+C = ContainerInfo(
+    id="0123456789ab" + "c" * 52,
+    name="/web-1",
+    image="nginx:1.27",
+    image_id="sha256:" + "f" * 64,
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "tag"),
+    [
+        ("docker.{{.Name}}", "docker.web-1"),
+        ("{{.ID}}", "0123456789ab"),
+        ("{{.FullID}}", C.id),
+        ("{{ .ImageName }}/{{.ImageID}}", "nginx:1.27/ffffffffffff"),
+        ("{{.DaemonName}}.{{.Name}}.{{.ID}}", "docker.web-1.0123456789ab"),
+        ("plain", "plain"),
+    ],
+)
+def test_templates_render_like_dockers(template: str, tag: str) -> None:
+    assert compile_template(template)(C) == tag
+
+
+@pytest.mark.parametrize("template", ["{{.Nope}}", "{{ if .Name }}x{{end}}", "a}}b"])
+def test_bad_templates_are_refused(template: str) -> None:
+    with pytest.raises(TemplateError):
+        compile_template(template)
