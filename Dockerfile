@@ -1,0 +1,23 @@
+# forwarder: one per Docker host, with the engine's socket mounted.
+#   docker build -t forwarder .
+#   docker run -d --name forwarder \
+#     -v /var/run/docker.sock:/var/run/docker.sock:ro \
+#     -v /var/lib/forwarder:/var/lib/forwarder \
+#     -v /etc/forwarder/forwarder.toml:/etc/forwarder/forwarder.toml:ro \
+#     forwarder
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY forwarder ./forwarder
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+COPY conf/forwarder.toml /etc/forwarder/forwarder.toml
+VOLUME ["/var/lib/forwarder"]
+# The positions and disk buffer live in /var/lib/forwarder: keep it on the host, so that a new
+# forwarder container resumes where the old one stopped.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["forwarder"]
+CMD ["run", "--config", "/etc/forwarder/forwarder.toml"]

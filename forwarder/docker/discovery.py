@@ -1,0 +1,315 @@
+"""Which containers are followed, and when followers start and stop.
+
+The discovery loop owns the table of followers, as Vector's docker_logs source does: it lists
+the containers, then follows ``/events`` from the moment it listed, so that nothing falls
+between the two. Each follower is its own task and owns only its own state; when it ends,
+discovery looks at the container again and decides whether to follow it once more.
+
+When the events stream breaks (engine restart, network blip) discovery reconnects with
+``since`` = the last event's time, drops the events it had already seen at that nanosecond,
+and lists again, so that followers match reality.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from forwarder.config import Config
+from forwarder.docker.engine import (
+    ContainerGoneError,
+    Engine,
+    EngineError,
+    EngineUnavailableError,
+    LogsUnsupportedError,
+)
+from forwarder.docker.follower import LinesSink, LogSource, follow_container
+from forwarder.events import ContainerId, ContainerInfo, Position
+from forwarder.forward.client import backoff_delays
+
+log = logging.getLogger(__name__)
+
+_ID_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def self_container_id(proc: Path = Path("/proc/self"), hostname: str | None = None) -> str | None:
+    """The id of the container this process runs in, if any (cgroup v1, or mountinfo on v2)."""
+    for name in ("cgroup", "mountinfo"):
+        try:
+            text = (proc / name).read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if name == "mountinfo" and "/containers/" not in line:
+                continue
+            if name == "cgroup" and "docker" not in line and "containerd" not in line:
+                continue
+            match = _ID_RE.search(line)
+            if match:
+                return match[0]
+    return None
+
+
+EventHandler = Callable[[dict[str, Any], ContainerInfo | None], Awaitable[None]]
+
+
+@dataclass
+class _Followed:
+    container: ContainerInfo
+    task: asyncio.Task[None]
+
+
+@dataclass
+class Discovery:
+    config: Config
+    engine: Engine
+    source: LogSource
+    sink: LinesSink
+    positions: dict[ContainerId, Position]
+    """Positions to resume from: committed ones at start, then what each follower read."""
+    first_start: bool
+    last_run_ns: int | None
+    on_event: EventHandler | None = None
+    on_container: Callable[[ContainerInfo], None] | None = None
+    on_gone: Callable[[ContainerId], None] | None = None
+    clock_ns: Callable[[], int] = time.time_ns
+    followers: dict[ContainerId, _Followed] = field(default_factory=dict)
+    skipped: set[ContainerId] = field(default_factory=set)
+    _known: dict[ContainerId, ContainerInfo] = field(default_factory=dict)
+    _self_id: str | None = None
+    _last_event_ns: int | None = None
+    _seen_at_last: set[tuple[str, str, str]] = field(default_factory=set)
+    _started_ns: int = 0
+    _restarted: set[ContainerId] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._self_id = self_container_id() if self.config.docker.exclude_self else None
+        override = os.environ.get("FORWARDER_SELF_CONTAINER_ID")
+        if override:
+            self._self_id = override
+
+    # --- main loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        delays = backoff_delays(0.5, 10.0)
+        failing_since: float | None = None
+        first = True
+        try:
+            while True:
+                try:
+                    await self._sync(first)
+                    if failing_since is not None:
+                        log.info(
+                            "docker engine: reachable again after %.1fs",
+                            time.monotonic() - failing_since,
+                        )
+                        failing_since = None
+                        delays = backoff_delays(0.5, 10.0)
+                    first = False
+                    await self._watch_events()
+                    raise EngineUnavailableError("the events stream ended")
+                except EngineUnavailableError as exc:
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        log.warning("docker engine: %s; reconnecting with backoff", exc)
+                    await asyncio.sleep(next(delays))
+        finally:
+            await self.stop_followers()
+
+    async def _sync(self, first: bool) -> None:
+        """List containers and start followers for those not followed yet.
+
+        A stopped container is read (whole, or from its position) when it finished after the
+        horizon: the collector's last run at start-up, or the last event seen before the
+        events stream broke; its lines would otherwise never be read."""
+        horizon = self.last_run_ns if first else self._last_event_ns
+        if self._last_event_ns is None:
+            self._last_event_ns = self.clock_ns()
+        self._started_ns = self.clock_ns()
+        ids = await self.engine.list_container_ids(all=True)
+        for cid in ids:
+            if cid in self.followers or cid in self.skipped:
+                continue
+            try:
+                container = await self.engine.inspect(cid)
+            except ContainerGoneError:
+                continue
+            self._known[cid] = container
+            if not container.running and (horizon is None or container.finished_at_ns <= horizon):
+                continue
+            self._start(container, at_startup=first)
+        if first:
+            existing = set(ids)
+            for cid in [c for c in self.positions if c not in existing]:
+                self._gone(cid)
+
+    async def _watch_events(self) -> None:
+        async for event in self.engine.events(since_ns=self._last_event_ns):
+            if not self._fresh(event):
+                continue
+            await self._handle(event)
+
+    def _fresh(self, event: dict[str, Any]) -> bool:
+        """False for an event already handled before a reconnect (``since`` is inclusive)."""
+        ts = int(event.get("timeNano") or 0)
+        key = (str(event.get("id") or ""), str(event.get("Action") or ""), str(ts))
+        last = self._last_event_ns or 0
+        if ts < last:
+            return False
+        if ts == last:
+            if key in self._seen_at_last:
+                return False
+            self._seen_at_last.add(key)
+        else:
+            self._last_event_ns = ts
+            self._seen_at_last = {key}
+        return True
+
+    async def _handle(self, event: dict[str, Any]) -> None:
+        action = str(event.get("Action") or event.get("status") or "")
+        cid = ContainerId(str(event.get("id") or ""))
+        if not _ID_RE.fullmatch(cid) or cid == self._self_id:
+            return
+        container = self._known.get(cid) or (
+            self.followers[cid].container if cid in self.followers else None
+        )
+        if action == "start":
+            try:
+                container = await self.engine.inspect(cid)
+            except ContainerGoneError:
+                container = None
+            # A short-lived container may have exited already: its log is still there (until
+            # it is removed), so it is read all the same, without following.
+            if container is not None:
+                self._known[cid] = container
+                if cid in self.followers:
+                    # The old follower may be looking at the stopped container right now;
+                    # this tells it to carry on with the new run.
+                    self._restarted.add(cid)
+                elif cid not in self.skipped:
+                    self._start(container, at_startup=False)
+        elif action == "destroy":
+            self._known.pop(cid, None)
+            self.skipped.discard(cid)
+        if self.on_event is not None:
+            await self.on_event(event, container)
+        if action == "destroy" and cid not in self.followers:
+            self._gone(cid)
+
+    def _gone(self, cid: ContainerId) -> None:
+        self.positions.pop(cid, None)
+        if self.on_gone is not None:
+            self.on_gone(cid)
+
+    # --- followers ------------------------------------------------------------------------
+
+    def _excluded(self, container: ContainerInfo) -> str | None:
+        if self._self_id is not None and container.id == self._self_id:
+            return "it is forwarder's own container"
+        label = self.config.docker.exclude_label
+        if label and container.labels.get(label, "").lower() == "true":
+            return f"label {label}=true"
+        return None
+
+    def _start(self, container: ContainerInfo, *, at_startup: bool) -> None:
+        reason = self._excluded(container)
+        if reason is not None:
+            log.info("container %s: not followed (%s)", container.name, reason)
+            self.skipped.add(container.cid)
+            return
+        cid = container.cid
+        position = self.positions.get(cid)
+        since: str | None = None
+        if (
+            position is None
+            and at_startup
+            and self.first_start
+            and container.running
+            and self.config.docker.read_from == "tail"
+        ):
+            seconds, ns = divmod(self._started_ns, 1_000_000_000)
+            since = f"{seconds}.{ns:09d}"
+        self._known[cid] = container
+        if self.on_container is not None:
+            self.on_container(container)
+        task = asyncio.create_task(
+            self._follow(container, position, since), name=f"follow {container.name}"
+        )
+        self.followers[cid] = _Followed(container, task)
+        log.info(
+            "container %s (%s): following%s",
+            container.name,
+            cid[:12],
+            f" from {position.since_param()}" if position else (" from now" if since else ""),
+        )
+
+    async def _follow(
+        self, container: ContainerInfo, position: Position | None, since: str | None
+    ) -> None:
+        cid = container.cid
+        delays = backoff_delays(0.5, 10.0)
+
+        def on_position(pos: Position) -> None:
+            self.positions[cid] = pos
+
+        try:
+            while True:
+                try:
+                    await follow_container(
+                        container,
+                        self.source,
+                        self.sink,
+                        position=self.positions.get(cid, position),
+                        since=since,
+                        follow=container.running,
+                        max_line_bytes=self.config.docker.max_line_bytes,
+                        on_position=on_position,
+                    )
+                except LogsUnsupportedError as exc:
+                    log.warning(
+                        "container %s: its log driver %r can't be read through the API; "
+                        "skipped (%s)",
+                        container.name,
+                        container.log_driver,
+                        exc,
+                    )
+                    self.skipped.add(cid)
+                    return
+                except ContainerGoneError:
+                    return
+                except EngineError as exc:
+                    log.info("container %s: log stream broke (%s); resuming", container.name, exc)
+                    await asyncio.sleep(next(delays))
+                # The stream ended: the container stopped, or the engine went away. Look again.
+                try:
+                    container = await self.engine.inspect(cid)
+                except ContainerGoneError:
+                    return
+                except EngineError:
+                    await asyncio.sleep(next(delays))
+                    continue
+                self._known[cid] = container
+                if not container.running and cid not in self._restarted:
+                    return
+                self._restarted.discard(cid)
+                since = None
+        finally:
+            followed = self.followers.get(cid)
+            if followed is not None and followed.task is asyncio.current_task():
+                del self.followers[cid]
+            if cid not in self._known and cid not in self.skipped:
+                self._gone(cid)
+
+    async def stop_followers(self) -> None:
+        tasks = [f.task for f in self.followers.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.followers.clear()

@@ -1,0 +1,257 @@
+"""The Docker Engine API, through aiodocker: list, inspect, events, logs, stats.
+
+Foreign errors are translated where they enter: ``aiodocker.DockerError`` and aiohttp's
+connection errors become the small tree below, so callers decide on kinds, not on status
+codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiodocker
+import aiohttp
+
+from forwarder.events import ContainerId, ContainerInfo
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1 << 16
+
+
+class EngineError(Exception):
+    """Something went wrong talking to the Docker engine."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine can't be reached, or the stream broke: transient, retry with backoff."""
+
+
+class ContainerGoneError(EngineError):
+    """The container no longer exists (404): permanent for this container."""
+
+
+class LogsUnsupportedError(EngineError):
+    """The container's log driver can't be read through the API (501): permanent."""
+
+
+def _translate(exc: BaseException, what: str) -> EngineError:
+    if isinstance(exc, aiodocker.DockerError):
+        status = exc.status
+        message = exc.message
+        if status == 404 or (status == 409 and "marked for removal" in str(message)):
+            # 409: a --rm container that exited is being removed; its log is gone with it.
+            return ContainerGoneError(f"{what}: {message}")
+        if status == 501 or "does not support reading" in str(message):
+            return LogsUnsupportedError(f"{what}: {message}")
+        if status == 900 or status >= 500:
+            return EngineUnavailableError(f"{what}: {message}")
+        return EngineError(f"{what}: HTTP {status}: {message}")
+    if isinstance(exc, aiohttp.ClientError | OSError | asyncio.IncompleteReadError):
+        return EngineUnavailableError(f"{what}: {exc or type(exc).__name__}")
+    return EngineError(f"{what}: {exc}")
+
+
+def parse_engine_time(text: str | None) -> int:
+    """An engine RFC 3339 time (any fraction length) in ns; 0 for the zero time."""
+    if not text or text.startswith("0001-01-01"):
+        return 0
+    # "2026-11-25T07:12:34.123456789Z" or with an offset such as "+01:00".
+    base, frac, offset_s = text[:19], "", 0
+    rest = text[19:]
+    if rest.startswith("."):
+        end = 1
+        while end < len(rest) and rest[end].isdigit():
+            end += 1
+        frac, rest = rest[1:end], rest[end:]
+    if rest and rest != "Z":
+        sign = -1 if rest[0] == "-" else 1
+        hours, minutes = int(rest[1:3]), int(rest[4:6])
+        offset_s = sign * (hours * 3600 + minutes * 60)
+    seconds = calendar.timegm(
+        (
+            int(base[0:4]),
+            int(base[5:7]),
+            int(base[8:10]),
+            int(base[11:13]),
+            int(base[14:16]),
+            int(base[17:19]),
+            0,
+            0,
+            0,
+        )
+    )
+    ns = int((frac + "000000000")[:9]) if frac else 0
+    return (seconds - offset_s) * 1_000_000_000 + ns
+
+
+def container_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
+    config = data.get("Config") or {}
+    state = data.get("State") or {}
+    host_config = data.get("HostConfig") or {}
+    return ContainerInfo(
+        id=data["Id"],
+        name=data.get("Name") or "/" + data["Id"][:12],
+        image=config.get("Image") or "",
+        image_id=data.get("Image") or "",
+        tty=bool(config.get("Tty")),
+        labels=config.get("Labels") or {},
+        log_driver=(host_config.get("LogConfig") or {}).get("Type") or "",
+        started_at_ns=parse_engine_time(state.get("StartedAt")),
+        finished_at_ns=parse_engine_time(state.get("FinishedAt")),
+        running=bool(state.get("Running")),
+    )
+
+
+class Engine:
+    """A thin async shell over the Engine API."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self._docker: aiodocker.Docker | None = None
+
+    def __repr__(self) -> str:
+        return f"<Engine {self.host}>"
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        if self._docker is None:
+            # Long-lived streams set their own timeouts; plain requests get 30 s.
+            self._docker = aiodocker.Docker(
+                url=self.host, timeout=aiohttp.ClientTimeout(total=30, sock_connect=10)
+            )
+        return self._docker
+
+    async def aclose(self) -> None:
+        if self._docker is not None:
+            await self._docker.close()
+            self._docker = None
+
+    async def _json(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        try:
+            return await self.docker._query_json(path, "GET", params=dict(params or {}))
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc, f"GET /{path}") from exc
+
+    async def ping(self) -> None:
+        await self._json("version")
+
+    async def list_container_ids(self, *, all: bool = False) -> list[ContainerId]:
+        items = await self._json("containers/json", {"all": int(all)})
+        return [ContainerId(item["Id"]) for item in items]
+
+    async def inspect(self, cid: str) -> ContainerInfo:
+        return container_from_inspect(await self._json(f"containers/{cid}/json"))
+
+    @asynccontextmanager
+    async def _stream(self, path: str, params: Mapping[str, Any]) -> AsyncIterator[Any]:
+        try:
+            async with self.docker._query(
+                path,
+                "GET",
+                params=dict(params),
+                timeout=aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=10),
+            ) as response:
+                yield response
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc, f"GET /{path}") from exc
+
+    async def log_bytes(
+        self,
+        cid: str,
+        *,
+        follow: bool,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> AsyncIterator[bytes]:
+        """The raw body of ``/containers/{id}/logs`` with timestamps, in reads of up to 64 KiB.
+
+        ``read(n)`` joins whatever HTTP chunks are already buffered, so one read carries many
+        log frames rather than one.
+        """
+        params: dict[str, Any] = {
+            "follow": int(follow),
+            "stdout": 1,
+            "stderr": 1,
+            "timestamps": 1,
+        }
+        if since is not None:
+            params["since"] = since
+        if until is not None:
+            params["until"] = until
+        async with self._stream(f"containers/{cid}/logs", params) as response:
+            content = response.content
+            try:
+                while True:
+                    data = await content.read(READ_SIZE)
+                    if not data:
+                        return
+                    yield data
+            except (aiohttp.ClientError, OSError) as exc:
+                raise _translate(exc, f"GET /containers/{cid[:12]}/logs") from exc
+
+    async def events(self, *, since_ns: int | None) -> AsyncIterator[dict[str, Any]]:
+        """Container events from ``/events``, from ``since_ns`` on, as decoded JSON objects."""
+        params: dict[str, Any] = {"filters": json.dumps({"type": ["container"]})}
+        if since_ns is not None:
+            seconds, ns = divmod(since_ns, 1_000_000_000)
+            params["since"] = f"{seconds}.{ns:09d}"
+        async with self._stream("events", params) as response:
+            async for obj in _json_objects(response, "GET /events"):
+                yield obj
+
+    async def stats_stream(self, cid: str, *, stream: bool = True) -> AsyncIterator[dict[str, Any]]:
+        """Stats API samples for one container (one a second while streaming)."""
+        params = {"stream": int(stream)}
+        async with self._stream(f"containers/{cid}/stats", params) as response:
+            async for obj in _json_objects(response, f"GET /containers/{cid[:12]}/stats"):
+                yield obj
+
+
+class JsonStreamDecoder:
+    """Sans-I/O: a stream of concatenated JSON objects (as /events and /stats send them)
+    in, objects out. An undecodable line is logged and skipped, never fatal."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._decoder = json.JSONDecoder()
+        self._pending = ""
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self._pending += data.decode("utf-8", "replace")
+        out: list[dict[str, Any]] = []
+        while True:
+            pending = self._pending = self._pending.lstrip()
+            if not pending:
+                break
+            try:
+                obj, end = self._decoder.raw_decode(pending)
+            except json.JSONDecodeError:
+                if "\n" not in pending:
+                    break  # an object cut in the middle: wait for the rest
+                bad, _, self._pending = pending.partition("\n")
+                log.warning("%s: skipped undecodable bytes %r", self._what, bad[:80])
+                continue
+            self._pending = pending[end:]
+            if isinstance(obj, dict):
+                out.append(obj)
+        return out
+
+
+async def _json_objects(response: Any, what: str) -> AsyncIterator[dict[str, Any]]:
+    decoder = JsonStreamDecoder(what)
+    try:
+        while True:
+            data = await response.content.readany()
+            if not data:
+                return
+            for obj in decoder.feed(data):
+                yield obj
+    except (aiohttp.ClientError, OSError) as exc:
+        raise _translate(exc, what) from exc

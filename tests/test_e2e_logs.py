@@ -1,0 +1,227 @@
+"""Log lines from a real Docker engine to real Forward receivers, through `forwarder run`.
+
+Every test here runs the collector as a process, as a user does, and checks what the
+receiver got: the records, their keys and times, nothing missing, nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forwarder.docker.frames import Demuxer
+from forwarder.events import LogEvent
+from tests.harness.collector import CollectorProcess, collector_env, write_config
+from tests.harness.engine import Engine
+from tests.harness.receivers import ForwardReceiver, NodeReceiver
+
+MakeCollector = Callable[..., CollectorProcess]
+
+
+@pytest.fixture
+def make_collector(engine: Engine, tmp_path: Path) -> Iterator[MakeCollector]:
+    made: list[CollectorProcess] = []
+
+    def make(server: str, **sections: dict[str, Any]) -> CollectorProcess:
+        config: dict[str, dict[str, Any]] = {
+            "docker": {"host": engine.host, "read_from": "head"},
+            "output": {
+                "servers": [server],
+                "flush_interval": "200ms",
+                "retry_wait": "100ms",
+                "retry_max_wait": "1s",
+            },
+            "state": {"dir": str(tmp_path / "state")},
+            "stats": {"interval": "0s"},
+        }
+        for name, keys in sections.items():
+            config.setdefault(name, {}).update(keys)
+        path = write_config(tmp_path / f"forwarder-{len(made)}.toml", config)
+        collector = CollectorProcess(path, collector_env(engine.env), tmp_path)
+        made.append(collector)
+        return collector.start()
+
+    yield make
+    for collector in made:
+        collector.stop()
+
+
+def logs_of(records: list[Any], container_id: str) -> list[str]:
+    return [r["record"]["log"] for r in records if r["record"]["container_id"] == container_id]
+
+
+def test_container_running_before_the_collector_is_read_from_head(
+    engine: Engine, forward_receiver: ForwardReceiver, make_collector: MakeCollector
+) -> None:
+    cid = engine.run("sh", "-c", "echo out-1; echo err-1 >&2; echo out-2; sleep 600", name="early")
+    engine.docker("logs", cid)  # the lines are in the engine's log before we start
+    make_collector(forward_receiver.address)
+    records = forward_receiver.wait_for(lambda rs: len(logs_of(rs, cid)) >= 3)
+    mine = [r for r in records if r["record"]["container_id"] == cid]
+    assert sorted((r["record"]["source"], r["record"]["log"]) for r in mine) == [
+        ("stderr", "err-1"),
+        ("stdout", "out-1"),
+        ("stdout", "out-2"),
+    ]
+    for r in mine:
+        assert r["tag"] == "docker.early"
+        assert set(r["record"]) == {"container_id", "container_name", "source", "log"}
+        assert r["record"]["container_name"] == "/early"
+        LogEvent.model_validate(r["record"])
+    # The record times are the engine's own timestamps, to the nanosecond.
+    raw = Demuxer().feed(engine.logs_api_bytes(cid, timestamps=True))
+    assert sorted(r["time_ns"] for r in mine) == sorted(line.ts_ns for line in raw)
+
+
+def test_container_started_later_is_read_whole_in_order(
+    engine: Engine, forward_receiver: ForwardReceiver, make_collector: MakeCollector
+) -> None:
+    make_collector(forward_receiver.address)
+    cid = engine.run("sh", "-c", "sleep 0.5; seq 1 2000; sleep 600")
+    records = forward_receiver.wait_for(lambda rs: len(logs_of(rs, cid)) >= 2000, timeout=30)
+    assert logs_of(records, cid) == [str(i) for i in range(1, 2001)]
+
+
+def test_stdout_and_stderr_long_lines_are_kept_apart_and_whole(
+    engine: Engine, forward_receiver: ForwardReceiver, make_collector: MakeCollector
+) -> None:
+    make_collector(forward_receiver.address)
+    script = (
+        "sleep 0.5; "
+        "head -c 40000 /dev/zero | tr '\\0' o; echo; "
+        "head -c 40000 /dev/zero | tr '\\0' e >&2; echo >&2; "
+        "echo short-out; echo short-err >&2; sleep 600"
+    )
+    cid = engine.run("sh", "-c", script)
+    records = forward_receiver.wait_for(lambda rs: len(logs_of(rs, cid)) >= 4, timeout=30)
+    mine = sorted(
+        (r["record"]["source"], r["record"]["log"])
+        for r in records
+        if r["record"]["container_id"] == cid
+    )
+    assert mine == [
+        ("stderr", "e" * 40000),
+        ("stderr", "short-err"),
+        ("stdout", "o" * 40000),
+        ("stdout", "short-out"),
+    ]
+
+
+def test_tty_container(
+    engine: Engine, forward_receiver: ForwardReceiver, make_collector: MakeCollector
+) -> None:
+    make_collector(forward_receiver.address)
+    cid = engine.run("sh", "-c", "sleep 0.5; echo tty-1; echo tty-2; sleep 600", tty=True)
+    records = forward_receiver.wait_for(lambda rs: len(logs_of(rs, cid)) >= 2, timeout=30)
+    mine = [r["record"] for r in records if r["record"]["container_id"] == cid]
+    assert [(r["source"], r["log"]) for r in mine] == [("stdout", "tty-1"), ("stdout", "tty-2")]
+
+
+def test_records_match_dockers_fluentd_log_driver(
+    engine: Engine,
+    make_forward_receiver: Callable[..., ForwardReceiver],
+    make_collector: MakeCollector,
+) -> None:
+    """The same container, logged by Docker's own fluentd driver to one receiver and read by
+    forwarder (through the engine's dual-logging cache) to another: same tag, same keys, same
+    values, same nanosecond times."""
+    ours = make_forward_receiver()
+    drivers = make_forward_receiver()
+    make_collector(ours.address)
+    port = drivers.address.rsplit(":", 1)[1]
+    cid = engine.docker(
+        "run",
+        "-d",
+        "--name",
+        "drv",
+        "--label",
+        "forwarder-test=1",
+        "--network",
+        "host",
+        "--log-driver",
+        "fluentd",
+        "--log-opt",
+        f"fluentd-address=127.0.0.1:{port}",
+        "--log-opt",
+        "tag=docker.{{.Name}}",
+        "--log-opt",
+        "fluentd-sub-second-precision=true",
+        engine.image,
+        "sh",
+        "-c",
+        "sleep 0.5; echo driver-out; echo driver-err >&2; echo 'ünï €'; sleep 600",
+    ).stdout.strip()
+    theirs = drivers.wait_for(3, timeout=30)
+    mine = ours.wait_for(lambda rs: len(logs_of(rs, cid)) >= 3, timeout=30)
+
+    def view(records: list[Any]) -> list[tuple[Any, ...]]:
+        return sorted(
+            (r["tag"], r["time_ns"], tuple(sorted(r["record"].items())))
+            for r in records
+            if r["record"].get("container_id") == cid
+        )
+
+    assert view(mine) == view(theirs)
+
+
+def test_sigterm_gives_a_clean_exit(
+    engine: Engine, forward_receiver: ForwardReceiver, make_collector: MakeCollector
+) -> None:
+    cid = engine.run("sh", "-c", "echo before-term; sleep 600")
+    collector = make_collector(forward_receiver.address)
+    forward_receiver.wait_for(lambda rs: "before-term" in logs_of(rs, cid))
+    code, seconds = collector.terminate()
+    assert code == 0, collector.log()
+    assert seconds < 10
+    assert "stopped:" in collector.log()
+    assert "Traceback" not in collector.log()
+
+
+def test_restart_resumes_without_loss_or_duplicates(
+    engine: Engine, forward_receiver: ForwardReceiver, make_collector: MakeCollector
+) -> None:
+    cid = engine.run(
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 400 ]; do i=$((i+1)); echo n$i; sleep 0.01; done; sleep 600",
+    )
+    collector = make_collector(forward_receiver.address)
+    forward_receiver.wait_for(lambda rs: len(logs_of(rs, cid)) >= 50, timeout=30)
+    code, _ = collector.terminate()
+    assert code == 0
+    collector.start()  # same config, same state dir
+    records = forward_receiver.wait_for(lambda rs: "n400" in logs_of(rs, cid), timeout=60)
+    assert logs_of(records, cid) == [f"n{i}" for i in range(1, 401)]
+
+
+def test_unreadable_log_driver_is_skipped_with_one_warning(
+    engine: Engine, forward_receiver: ForwardReceiver, make_collector: MakeCollector
+) -> None:
+    silent = engine.run("sh", "-c", "echo unseen; sleep 600", options=["--log-driver", "none"])
+    loud = engine.run("sh", "-c", "echo seen; sleep 600")
+    collector = make_collector(forward_receiver.address)
+    forward_receiver.wait_for(lambda rs: "seen" in logs_of(rs, loud), timeout=30)
+    warnings = [
+        line
+        for line in collector.log().splitlines()
+        if silent[:12] in line or "can't be read" in line
+    ]
+    assert len([w for w in warnings if "WARNING" in w]) == 1, collector.log()
+    assert logs_of(forward_receiver.records, silent) == []
+
+
+def test_delivery_to_fluents_own_forward_server(
+    engine: Engine, node_receiver: NodeReceiver, make_collector: MakeCollector
+) -> None:
+    cid = engine.run("sh", "-c", "seq 1 500; sleep 600", name="to-node")
+    make_collector(node_receiver.address)
+    records = node_receiver.wait_for(
+        lambda rs: sum(1 for r in rs if r["record"].get("container_id") == cid) >= 500,
+        timeout=30,
+    )
+    mine = [r for r in records if r["record"].get("container_id") == cid]
+    assert [r["record"]["log"] for r in mine] == [str(i) for i in range(1, 501)]
+    assert {r["tag"] for r in mine} == {"docker.to-node"}
