@@ -141,6 +141,7 @@ class Chunk:
     payload: bytes
     count: int
     positions: dict[ContainerId, Position] = field(default_factory=dict)
+    stored: bool = False  # written to the disk buffer: durable, and released when delivered
 
     @property
     def size(self) -> int:
@@ -275,7 +276,11 @@ class ClientConnection:
 
     def __init__(self, *, handshake: bool) -> None:
         self.state = ConnState.AWAITING_HELO if handshake else ConnState.READY
-        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_REPLY_BYTES)
+        # surrogateescape: Fluent Bit packs its random HELO nonce as a str that is not UTF-8;
+        # the handshake recovers the exact bytes from it.
+        self._unpacker = msgpack.Unpacker(
+            raw=False, unicode_errors="surrogateescape", max_buffer_size=MAX_REPLY_BYTES
+        )
         self._awaiting: ChunkId | None = None
 
     def __repr__(self) -> str:
