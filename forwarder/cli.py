@@ -12,10 +12,13 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forwarder import __version__
 from forwarder.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from forwarder.pipeline import Pipeline
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -51,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config)
+        from forwarder.forward.client import check_output
+
+        check_output(config.output)  # secret and TLS files, read now so a bad one is named
     except ConfigError as exc:
         print(f"forwarder: config error:\n{_indent(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
@@ -102,6 +108,7 @@ async def _run(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _log_status, pipeline)
     log.info(
         "forwarder %s running: engine %s, output %s",
         __version__,
@@ -128,6 +135,12 @@ async def _run(config: Config) -> int:
         "" if all_sent else "; the rest is read again on the next start",
     )
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _log_status(pipeline: Pipeline) -> None:
+    """SIGUSR1: one line of counts (tasks, followers, connections, buffer...)."""
+    counts = pipeline.status().items()
+    log.info("status: %s", " ".join(f"{k}={'?' if v is None else v}" for k, v in counts))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from forwarder.forward.client import backoff_delays
 log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"[0-9a-f]{64}")
+# How far back a reconnect asks for events again; the replayed ones already seen are dropped.
+EVENTS_REPLAY_NS = 1_000_000_000
 
 
 def self_container_id(proc: Path = Path("/proc/self"), hostname: str | None = None) -> str | None:
@@ -77,15 +79,20 @@ class Discovery:
     first_start: bool
     last_run_ns: int | None
     on_event: EventHandler | None = None
+    """Called with every fresh container event and what is known of its container."""
     on_container: Callable[[ContainerInfo], None] | None = None
+    """Called when a container is followed, and again when a followed one starts again."""
     on_gone: Callable[[ContainerId], None] | None = None
+    on_stopped: Callable[[ContainerId], None] | None = None
+    """Called on a container's ``die`` and ``destroy`` events."""
     clock_ns: Callable[[], int] = time.time_ns
     followers: dict[ContainerId, _Followed] = field(default_factory=dict)
     skipped: set[ContainerId] = field(default_factory=set)
     _known: dict[ContainerId, ContainerInfo] = field(default_factory=dict)
     _self_id: str | None = None
     _last_event_ns: int | None = None
-    _seen_at_last: set[tuple[str, str, str]] = field(default_factory=set)
+    """The newest event's time (or the first listing's): where a reconnect resumes."""
+    _seen: dict[tuple[str, str, int], None] = field(default_factory=dict)
     _started_ns: int = 0
     _restarted: set[ContainerId] = field(default_factory=set)
 
@@ -151,25 +158,33 @@ class Discovery:
                 self._gone(cid)
 
     async def _watch_events(self) -> None:
-        async for event in self.engine.events(since_ns=self._last_event_ns):
+        since = self._last_event_ns
+        if since is not None and self._seen:
+            # A reconnect: an event stamped just before the newest one seen may not have
+            # been sent yet when the stream broke.
+            since -= EVENTS_REPLAY_NS
+        async for event in self.engine.events(since_ns=since):
             if not self._fresh(event):
                 continue
             await self._handle(event)
 
     def _fresh(self, event: dict[str, Any]) -> bool:
-        """False for an event already handled before a reconnect (``since`` is inclusive)."""
+        """False for an event already handled, which a reconnect's replay sends again.
+
+        The engine stamps an event before it queues it, so under load its stream is not in
+        time order (by up to tens of ms, seen on 20.10): an event older than the newest one
+        seen is new all the same. The keys seen in the last 2 * EVENTS_REPLAY_NS are kept.
+        """
         ts = int(event.get("timeNano") or 0)
-        key = (str(event.get("id") or ""), str(event.get("Action") or ""), str(ts))
-        last = self._last_event_ns or 0
-        if ts < last:
+        key = (str(event.get("id") or ""), str(event.get("Action") or ""), ts)
+        if key in self._seen:
             return False
-        if ts == last:
-            if key in self._seen_at_last:
-                return False
-            self._seen_at_last.add(key)
-        else:
+        self._seen[key] = None
+        if ts > (self._last_event_ns or 0):
             self._last_event_ns = ts
-            self._seen_at_last = {key}
+            horizon = ts - 2 * EVENTS_REPLAY_NS
+            while (oldest := next(iter(self._seen))) is not key and oldest[2] < horizon:
+                del self._seen[oldest]
         return True
 
     async def _handle(self, event: dict[str, Any]) -> None:
@@ -193,11 +208,15 @@ class Discovery:
                     # The old follower may be looking at the stopped container right now;
                     # this tells it to carry on with the new run.
                     self._restarted.add(cid)
+                    if self.on_container is not None:
+                        self.on_container(container)
                 elif cid not in self.skipped:
                     self._start(container, at_startup=False)
         elif action == "destroy":
             self._known.pop(cid, None)
             self.skipped.discard(cid)
+        if action in ("die", "destroy") and self.on_stopped is not None:
+            self.on_stopped(cid)
         if self.on_event is not None:
             await self.on_event(event, container)
         if action == "destroy" and cid not in self.followers:

@@ -11,6 +11,7 @@ import asyncio
 import calendar
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -109,12 +110,27 @@ def container_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
     )
 
 
+def _unpooled(host: str) -> tuple[str, aiohttp.BaseConnector | None]:
+    """aiodocker's URL and a connector without aiohttp's default cap of 100 connections.
+
+    Each followed container holds one or two streams open (logs, stats): under a cap, every
+    request past it would wait for a stream to end. ``None``: aiodocker's own connector
+    (``tcp://`` with ``DOCKER_TLS_VERIFY``, which aiodocker sets up itself).
+    """
+    if host.startswith("unix://"):
+        return "unix://localhost", aiohttp.UnixConnector(host.removeprefix("unix://"), limit=0)
+    if host.startswith("tcp://") and os.environ.get("DOCKER_TLS_VERIFY", "0") != "1":
+        return "http://" + host.removeprefix("tcp://"), aiohttp.TCPConnector(limit=0)
+    return host, None
+
+
 class Engine:
     """A thin async shell over the Engine API."""
 
     def __init__(self, host: str) -> None:
         self.host = host
         self._docker: aiodocker.Docker | None = None
+        self._connector: aiohttp.BaseConnector | None = None
 
     def __repr__(self) -> str:
         return f"<Engine {self.host}>"
@@ -122,9 +138,12 @@ class Engine:
     @property
     def docker(self) -> aiodocker.Docker:
         if self._docker is None:
+            url, self._connector = _unpooled(self.host)
             # Long-lived streams set their own timeouts; plain requests get 30 s.
             self._docker = aiodocker.Docker(
-                url=self.host, timeout=aiohttp.ClientTimeout(total=30, sock_connect=10)
+                url=url,
+                connector=self._connector,
+                timeout=aiohttp.ClientTimeout(total=30, sock_connect=10),
             )
         return self._docker
 
@@ -132,6 +151,23 @@ class Engine:
         if self._docker is not None:
             await self._docker.close()
             self._docker = None
+        if self._connector is not None:
+            await self._connector.close()
+            self._connector = None
+
+    def open_connections(self) -> int | None:
+        """Connections to the engine open now (streams, requests, idle keep-alive ones);
+        None when aiohttp's connector does not show them (its pool is private)."""
+        if self._docker is None:
+            return 0
+        connector = self._docker.connector
+        acquired = getattr(connector, "_acquired", None)
+        idle = getattr(connector, "_conns", None)
+        if not isinstance(acquired, set) or not isinstance(idle, dict):
+            return None
+        # The idle pool keeps a connection the engine closed until its next clean-up.
+        protocols = [*acquired, *(entry[0] for conns in idle.values() for entry in conns)]
+        return sum(1 for proto in protocols if getattr(proto, "is_connected", lambda: True)())
 
     async def _json(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
         try:
@@ -152,12 +188,15 @@ class Engine:
     @asynccontextmanager
     async def _stream(self, path: str, params: Mapping[str, Any]) -> AsyncIterator[Any]:
         try:
-            async with self.docker._query(
-                path,
-                "GET",
-                params=dict(params),
-                timeout=aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=10),
-            ) as response:
+            async with (
+                self.docker._query(
+                    path,
+                    "GET",
+                    params=dict(params),
+                    timeout=aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=10),
+                ) as response,
+                response,
+            ):  # aiodocker leaves closing the response to us
                 yield response
         except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
             raise _translate(exc, f"GET /{path}") from exc
@@ -205,6 +244,13 @@ class Engine:
         async with self._stream("events", params) as response:
             async for obj in _json_objects(response, "GET /events"):
                 yield obj
+
+    async def stats_once(self, cid: str) -> dict[str, Any]:
+        """One Stats API sample, read at once (``one-shot``: no ``precpu_stats``)."""
+        sample = await self._json(f"containers/{cid}/stats", {"stream": 0, "one-shot": 1})
+        if not isinstance(sample, dict):
+            raise EngineError(f"GET /containers/{cid[:12]}/stats: not a JSON object")
+        return sample
 
     async def stats_stream(self, cid: str, *, stream: bool = True) -> AsyncIterator[dict[str, Any]]:
         """Stats API samples for one container (one a second while streaming)."""

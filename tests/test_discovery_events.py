@@ -1,0 +1,122 @@
+"""Discovery's events: out-of-order and replayed ones, and the hooks the stats poller uses."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from forwarder.config import Config
+from forwarder.docker.discovery import Discovery
+from forwarder.docker.frames import LogLine, RawLine
+from forwarder.events import ContainerId, ContainerInfo, Position
+
+CID = "ab" * 32
+
+
+def event(action: str, ts_ns: int = 1, cid: str = CID) -> dict[str, Any]:
+    return {
+        "Type": "container",
+        "Action": action,
+        "status": action,
+        "id": cid,
+        "Actor": {"ID": cid, "Attributes": {"name": "web", "image": "img"}},
+        "timeNano": ts_ns,
+    }
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.running = True
+
+    async def inspect(self, cid: str) -> ContainerInfo:
+        return ContainerInfo(id=cid, name="/web", image="img", running=self.running)
+
+
+class EndlessSource:
+    """A log stream that stays open and says nothing."""
+
+    async def read(
+        self, container: ContainerInfo, *, since: str | None, follow: bool
+    ) -> AsyncIterator[list[RawLine]]:
+        await asyncio.Event().wait()
+        yield []
+
+
+async def no_lines(container: ContainerInfo, lines: list[LogLine], position: Position) -> None:
+    pass
+
+
+def make_discovery(**hooks: Any) -> Discovery:
+    return Discovery(
+        config=Config(),
+        engine=FakeEngine(),  # type: ignore[arg-type]
+        source=EndlessSource(),
+        sink=no_lines,
+        positions={},
+        first_start=False,
+        last_run_ns=None,
+        **hooks,
+    )
+
+
+S = 1_000_000_000
+
+
+def test_events_out_of_time_order_are_fresh_and_replays_are_not() -> None:
+    discovery = make_discovery()
+    other = "cd" * 32
+    # The engine stamps events before it queues them: under load a later one overtakes.
+    stream = [event("create", 100 * S), event("start", 100 * S + 5), event("die", 100 * S + 3)]
+    stream.append(event("create", 100 * S + 4, cid=other))
+    assert [discovery._fresh(e) for e in stream] == [True] * 4
+    assert discovery._last_event_ns == 100 * S + 5
+    # A reconnect asks again from a second before the newest event: what came is dropped,
+    # what is new (even older than the newest seen) is kept.
+    replay = [*stream, event("start", 100 * S + 1, cid=other), event("destroy", 101 * S)]
+    assert [discovery._fresh(e) for e in replay] == [False] * 4 + [True, True]
+
+
+def test_seen_events_are_forgotten_once_out_of_the_replay_window() -> None:
+    discovery = make_discovery()
+    for n in range(1000):
+        assert discovery._fresh(event("start", n * S // 10, cid=f"{n:064x}"))
+    # 100 s of events, one every 0.1 s: only the last 2 s are kept.
+    assert len(discovery._seen) <= 21
+
+
+def test_hooks_follow_the_containers_runs() -> None:
+    async def main() -> None:
+        calls: list[tuple[str, Any]] = []
+        events: list[str] = []
+
+        async def on_event(ev: dict[str, Any], container: ContainerInfo | None) -> None:
+            events.append(ev["Action"])
+
+        discovery = make_discovery(
+            on_event=on_event,
+            on_container=lambda c: calls.append(("container", c.id)),
+            on_stopped=lambda cid: calls.append(("stopped", cid)),
+        )
+        handle = discovery._handle
+        await handle(event("create"))
+        assert calls == []
+        await handle(event("start"))  # followed: the hook sees it
+        assert calls == [("container", CID)]
+        assert ContainerId(CID) in discovery.followers
+        await handle(event("die"))
+        await handle(event("start"))  # started again, its follower still there
+        await handle(event("kill"))
+        await handle(event("die"))
+        await handle(event("destroy"))
+        assert calls == [
+            ("container", CID),
+            ("stopped", CID),
+            ("container", CID),
+            ("stopped", CID),
+            ("stopped", CID),
+        ]
+        assert events == ["create", "start", "die", "start", "kill", "die", "destroy"]
+        await discovery.stop_followers()
+
+    asyncio.run(main())
