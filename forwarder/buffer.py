@@ -1,73 +1,364 @@
-"""A bounded queue of sealed chunks between the chunker and the output.
+"""The buffer between the chunker and the output: memory, and disk when it matters.
 
-Chunks count against ``limit`` bytes from ``put`` until ``done``: a chunk being sent or
-awaiting its ack still holds its place. While the buffer is full ``put`` waits, which pauses
-the followers; the engine's own log files hold the data meanwhile. Nothing is dropped here.
+Chunks are held in memory while the aggregator keeps up. They go to append-only segment files
+under ``[state] dir``/buffer (:mod:`forwarder.segments`) when
+
+- the output stalls (no server is healthy): the chunk in flight and everything queued are
+  written out, and new chunks follow them to disk until the backlog is delivered, so that the
+  order stays oldest first;
+- the memory queue is over ``[output] buffer_limit``;
+- ``[buffer] mode = "always"``: every chunk, before it is sent;
+- the collector stops with chunks undelivered.
+
+A chunk written to disk is *durable*: ``on_durable`` lets its positions commit, because a
+restart will replay it. On start the disk backlog from the last run is queued first.
+
+When the disk is full too, ``[buffer] overflow`` decides: ``"block"`` makes ``put`` wait (the
+followers pause, and the engine's log files hold the data); ``"drop_oldest"`` drops the oldest
+chunk on disk and counts and logs it. Nothing is dropped any other way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from forwarder.forward.protocol import Chunk
+from forwarder.segments import (
+    BufferFullError,
+    ChunkMeta,
+    CorruptChunkError,
+    Damage,
+    SegmentStore,
+    StoredChunk,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _OnDisk:
+    meta: ChunkMeta
+    chunk: Chunk | None  # the payload, kept while memory allows; else read back when due
 
 
 class ChunkBuffer:
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
-        self._queue: deque[Chunk] = deque()
-        self._bytes = 0
+    """Bounded queue of sealed chunks; ``store=None`` keeps it in memory only."""
+
+    def __init__(
+        self,
+        memory_limit: int,
+        *,
+        store: SegmentStore | None = None,
+        always_disk: bool = False,
+        drop_oldest: bool = False,
+        on_durable: Callable[[Chunk], None] | None = None,
+    ) -> None:
+        self.memory_limit = memory_limit
+        self.store = store
+        self.always_disk = always_disk and store is not None
+        self.drop_oldest = drop_oldest
+        self.on_durable = on_durable
+        self._memory: deque[Chunk] = deque()
+        self._disk: deque[_OnDisk] = deque()
+        self._held = 0  # payload bytes in memory: queued, cached for disk entries, in flight
+        self._stalled = False
         self._changed = asyncio.Condition()
+        self._pending: list[tuple[Chunk, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._releases = 0  # deliveries so far: each may free disk room
         self.waiting_puts = 0
+        self.dropped_chunks = 0
+        self.dropped_records = 0
+        self.lost_corrupt = 0
 
     def __repr__(self) -> str:
-        return f"<ChunkBuffer queued={len(self._queue)} bytes={self._bytes}/{self.limit_bytes}>"
+        return (
+            f"<ChunkBuffer memory={len(self._memory)} disk={len(self._disk)} "
+            f"held={self._held}/{self.memory_limit} stalled={self._stalled}>"
+        )
+
+    # --- state ----------------------------------------------------------------------------
 
     @property
     def bytes_held(self) -> int:
-        return self._bytes
+        return self._held
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._memory) + len(self._disk) + len(self._pending)
 
-    def full_for(self, size: int) -> bool:
+    @property
+    def disk_chunks(self) -> int:
+        return len(self._disk)
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.store.bytes_used if self.store else 0
+
+    def _memory_full_for(self, size: int) -> bool:
         # An oversized chunk may enter an empty buffer, or it could never enter at all.
-        return self._bytes > 0 and self._bytes + size > self.limit_bytes
+        return self._held > 0 and self._held + size > self.memory_limit
+
+    def _goes_to_disk(self, size: int) -> bool:
+        return (
+            self.store is not None
+            and size < self.store.max_bytes // 2
+            and (
+                self.always_disk
+                or self._stalled
+                or bool(self._disk)
+                or bool(self._pending)
+                or self._memory_full_for(size)
+            )
+        )
+
+    # --- start ----------------------------------------------------------------------------
+
+    async def open(self) -> list[Damage]:
+        """Recover the disk backlog of the last run, queued oldest first."""
+        if self.store is None:
+            return []
+        metas, damage = await asyncio.to_thread(self.store.recover)
+        self._disk.extend(_OnDisk(meta, None) for meta in metas)
+        return damage
+
+    # --- in -------------------------------------------------------------------------------
 
     async def put(self, chunk: Chunk) -> None:
+        """Queue a chunk. Without a disk buffer, waits while memory is full; with one, the
+        chunk goes to disk instead, and waits only while the disk is full too."""
         async with self._changed:
-            if self.full_for(chunk.size):
-                self.waiting_puts += 1
-                try:
-                    await self._changed.wait_for(lambda: not self.full_for(chunk.size))
-                finally:
-                    self.waiting_puts -= 1
-            self._queue.append(chunk)
-            self._bytes += chunk.size
-            self._changed.notify_all()
+            if not self._goes_to_disk(chunk.size):
+                if self._memory_full_for(chunk.size):
+                    self.waiting_puts += 1
+                    try:
+                        await self._changed.wait_for(lambda: not self._memory_full_for(chunk.size))
+                    finally:
+                        self.waiting_puts -= 1
+                self._memory.append(chunk)
+                self._held += chunk.size
+                self._changed.notify_all()
+                return
+        await self._write(chunk)
+
+    async def _write(self, chunk: Chunk) -> None:
+        """Make a chunk durable on disk, then queue it there. Concurrent callers share one
+        write and one fsync (group commit)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((chunk, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending(), name="buffer writer")
+        await future
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                if await self._try_append([chunk for chunk, _ in batch]):
+                    await self._written(batch)
+                    continue
+                # Not all fit: one by one, so that a full disk holds back only what doesn't
+                # fit, and what is written can be sent (and free room) meanwhile.
+                for item in batch:
+                    while not await self._try_append([item[0]]):
+                        await self._make_room()
+                    await self._written([item])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+
+    async def _written(self, batch: list[tuple[Chunk, asyncio.Future[None]]]) -> None:
+        async with self._changed:
+            self._queue_on_disk([chunk for chunk, _ in batch])
+        for chunk, future in batch:
+            if self.on_durable is not None:
+                self.on_durable(chunk)
+            if not future.done():
+                future.set_result(None)
+
+    async def _try_append(self, chunks: list[Chunk]) -> bool:
+        """Write chunks to disk if they fit under ``max_bytes``; never waits for room."""
+        assert self.store is not None
+        stored = [StoredChunk(c.chunk_id, c.tag, c.count, c.positions, c.payload) for c in chunks]
+        try:
+            await asyncio.to_thread(self.store.append_many, stored)
+        except BufferFullError:
+            return False
+        return True
+
+    def _queue_on_disk(self, chunks: list[Chunk], *, front: bool = False) -> None:
+        """Called with the lock held, after the chunks are durable."""
+        entries = []
+        for chunk in chunks:
+            if not chunk.stored:
+                chunk.stored = True
+                if self._memory_full_for(chunk.size):
+                    entries.append(_OnDisk(_meta_of(chunk), None))
+                    continue
+                self._held += chunk.size
+            entries.append(_OnDisk(_meta_of(chunk), chunk))
+        if front:
+            self._disk.extendleft(reversed(entries))
+        else:
+            self._disk.extend(entries)
+        self._changed.notify_all()
+
+    async def _make_room(self) -> None:
+        """The disk is full: drop the oldest chunk (opt-in), or wait for a delivery."""
+        assert self.store is not None
+        if self.drop_oldest:
+            dropped = self.store.drop_oldest()
+            if dropped is not None:
+                async with self._changed:
+                    for entry in self._disk:
+                        if entry.meta.chunk_id == dropped.chunk_id:
+                            self._disk.remove(entry)
+                            if entry.chunk is not None:
+                                self._held -= entry.chunk.size
+                            break
+                self.dropped_chunks += 1
+                self.dropped_records += dropped.count
+                log.warning(
+                    "disk buffer full (%d bytes): dropped the oldest chunk, %d records tagged "
+                    "%s (dropped so far: %d chunks, %d records)",
+                    self.store.max_bytes,
+                    dropped.count,
+                    dropped.tag,
+                    self.dropped_chunks,
+                    self.dropped_records,
+                )
+                return
+        # Any release may make room (the store retires an emptied segment on the next
+        # append), so wait for one and let the caller try again.
+        releases = self._releases
+        self.waiting_puts += 1
+        try:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self._releases != releases)
+        finally:
+            self.waiting_puts -= 1
+
+    # --- out ------------------------------------------------------------------------------
 
     async def get(self) -> Chunk:
-        async with self._changed:
-            await self._changed.wait_for(lambda: bool(self._queue))
-            return self._queue.popleft()
+        """The oldest chunk: the disk backlog first, then memory."""
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: bool(self._disk or self._memory))
+                if not self._disk:
+                    return self._memory.popleft()
+                entry = self._disk.popleft()
+            if entry.chunk is not None:
+                return entry.chunk
+            chunk = await self._read(entry.meta)
+            if chunk is not None:
+                self._held += chunk.size
+                return chunk
 
-    def get_nowait(self) -> Chunk | None:
-        return self._queue.popleft() if self._queue else None
+    async def _read(self, meta: ChunkMeta) -> Chunk | None:
+        assert self.store is not None
+        try:
+            stored = await asyncio.to_thread(self.store.read, meta.chunk_id)
+        except KeyError:
+            return None  # dropped meanwhile
+        except CorruptChunkError as exc:
+            self.lost_corrupt += meta.count
+            log.error("disk buffer: a chunk of %d records can't be read back: %s", meta.count, exc)
+            return None
+        return Chunk(0, stored.chunk_id, stored.tag, stored.payload, stored.count, {}, stored=True)
 
-    async def requeue(self, chunk: Chunk) -> None:
-        """Give back a chunk that could not be delivered; it goes first in line again."""
+    async def stall(self, chunk: Chunk) -> None:
+        """No server can take ``chunk`` now. It stays first in line; with a disk buffer it
+        and everything queued in memory are written out, and new chunks follow them to disk
+        until the backlog is delivered. Never waits for disk room: what doesn't fit stays in
+        memory."""
         async with self._changed:
-            self._queue.appendleft(chunk)
+            if self.store is None:
+                self._memory.appendleft(chunk)
+                self._changed.notify_all()
+                return
+            self._stalled = True
+            if chunk.stored:
+                self._disk.appendleft(_OnDisk(_meta_of(chunk), chunk))
+                self._changed.notify_all()
+                spill = list(self._memory)
+            else:
+                spill = [chunk, *self._memory]
+            self._memory.clear()
+        if spill and await self._try_append(spill):
+            async with self._changed:
+                self._held -= sum(c.size for c in spill)
+                self._queue_on_disk(spill, front=not chunk.stored)
+            if self.on_durable is not None:
+                for spilled in spill:
+                    self.on_durable(spilled)
+            return
+        async with self._changed:  # the disk is full: keep them in memory, in order
+            self._memory.extendleft(reversed(spill))
             self._changed.notify_all()
 
+    def recovered(self) -> None:
+        """A delivery went through: new chunks may stay in memory again."""
+        self._stalled = False
+
     async def done(self, chunk: Chunk) -> None:
-        """The chunk is delivered: release its bytes."""
+        """The chunk is delivered: release its bytes and its place on disk."""
         async with self._changed:
-            self._bytes -= chunk.size
+            self._held -= chunk.size
+            self._releases += 1
+            if self.store is not None:
+                # Also when not marked stored yet: an ack can beat the chunk's own disk write
+                # (mode "always"), and the store keeps such an early release.
+                self.store.release(chunk.chunk_id)
             self._changed.notify_all()
 
     async def wait_empty(self) -> None:
         async with self._changed:
-            await self._changed.wait_for(lambda: self._bytes == 0)
+            await self._changed.wait_for(
+                lambda: self._held == 0 and not self._disk and not self._memory
+            )
+
+    async def close(self, in_flight: Chunk | None) -> int:
+        """Stopping: write what is only in memory (and the chunk in flight) to disk, so that
+        the next start delivers it. Returns how many chunks were written. What doesn't fit
+        keeps its positions uncommitted, so the next start reads it from the engine again."""
+        if self.store is None:
+            return 0
+        if self._writer is not None:
+            self._writer.cancel()
+        spill = [
+            c
+            for c in [in_flight, *self._memory, *(c for c, _ in self._pending)]
+            if c is not None and not c.stored
+        ]
+        self._memory.clear()
+        written = 0
+        if spill and await self._try_append(spill):
+            written = len(spill)
+            if self.on_durable is not None:
+                for chunk in spill:
+                    self.on_durable(chunk)
+        elif spill:
+            log.warning(
+                "disk buffer full: %d chunks not written at shutdown; their lines will be "
+                "read from the engine again",
+                len(spill),
+            )
+        await asyncio.to_thread(self.store.close)
+        return written
+
+
+def _meta_of(chunk: Chunk) -> ChunkMeta:
+    return ChunkMeta(chunk.chunk_id, chunk.tag, chunk.count, chunk.positions, len(chunk.payload))
+
+
+def open_store(state_dir: Path, max_bytes: int) -> SegmentStore:
+    # Segments small enough that deleting delivered ones frees room well before the cap.
+    segment_bytes = max(64 * 1024, min(8 << 20, max_bytes // 8))
+    return SegmentStore(state_dir / "buffer", max_bytes=max_bytes, segment_bytes=segment_bytes)

@@ -171,7 +171,12 @@ class DockerConfig(_Section):
 
 class ServerConfig(_Section):
     url: str = Field(description="tcp://host:port, tls://host:port or unix:///path.")
-    weight: int = Field(default=60, ge=0, le=10000, description="Share of chunks, by weight.")
+    weight: int = Field(
+        default=60,
+        ge=0,
+        le=10000,
+        description="Share of chunks, by weight; 0 takes the server out, as in Fluentd.",
+    )
     standby: bool = Field(
         default=False, description="Used only while no primary server is healthy."
     )
@@ -271,7 +276,8 @@ class OutputConfig(_Section):
         default=_duration_default("30s"), description="How long to wait for a chunk's ack."
     )
     connect_timeout: Duration = Field(
-        default=_duration_default("10s"), description="How long a connection attempt may take."
+        default=_duration_default("10s"),
+        description="How long a connection attempt may take: TCP, TLS and the handshake.",
     )
     compress: Literal["none", "gzip"] = Field(
         default="none", description='"gzip" sends CompressedPackedForward.'
@@ -281,14 +287,17 @@ class OutputConfig(_Section):
         description="Bytes of chunks held in memory before the followers pause.",
     )
     retry_wait: Duration = Field(
-        default=_duration_default("1s"), description="The first wait before a resend."
+        default=_duration_default("1s"),
+        description="How long a failed server is left alone at first; the wait doubles, with "
+        "jitter, at each failure in a row.",
     )
     retry_max_wait: Duration = Field(
         default=_duration_default("60s"), description="The longest wait between resends."
     )
     heartbeat_interval: Duration = Field(
         default=_duration_default("1s"),
-        description="How often a server marked down is probed with a TCP connect.",
+        description='How often an unreachable server is probed with a TCP connect; "0s": no '
+        "probes, it waits out its backoff.",
     )
     self_hostname: str = Field(
         default_factory=socket.gethostname,
@@ -312,21 +321,47 @@ class OutputConfig(_Section):
             raise ValueError("set shared_key or shared_key_file, not both")
         if self.password is not None and self.password_file is not None:
             raise ValueError("set password or password_file, not both")
+        has_key = self.shared_key is not None or self.shared_key_file is not None
+        has_password = self.password is not None or self.password_file is not None
+        if self.shared_key == "":
+            raise ValueError("shared_key is empty (an unset ${VARIABLE}?)")
+        if has_password and self.username is None:
+            raise ValueError("password is set but username is not")
+        if (self.username is not None or has_password) and not has_key:
+            raise ValueError(
+                "username and password are sent in the handshake, which needs shared_key "
+                "(or shared_key_file)"
+            )
+        if not any(server.weight > 0 for server in self.servers):
+            raise ValueError("every server has weight 0: none would get chunks")
+        for key in ("ack_timeout", "connect_timeout", "retry_wait"):
+            if getattr(self, key).total_seconds() <= 0:
+                raise ValueError(f"{key} must be more than 0s")
         if self.retry_max_wait < self.retry_wait:
             raise ValueError("retry_max_wait is shorter than retry_wait")
         return self
 
     def secret_shared_key(self) -> str | None:
-        return _read_secret(self.shared_key, self.shared_key_file)
+        """The shared key, from the config or its file; ConfigError names the key."""
+        return _read_secret(self.shared_key, self.shared_key_file, "output.shared_key_file")
 
     def secret_password(self) -> str | None:
-        return _read_secret(self.password, self.password_file)
+        """The password, from the config or its file; ConfigError names the key."""
+        return _read_secret(self.password, self.password_file, "output.password_file")
 
 
-def _read_secret(value: str | None, path: Path | None) -> str | None:
+def _read_secret(value: str | None, path: Path | None, key: str) -> str | None:
     if path is None:
         return value
-    return path.read_text(encoding="utf-8").rstrip("\r\n")
+    try:
+        secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{key}: can't read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text") from None
+    if not secret:
+        raise ConfigError(f"{key}: {path} is empty")
+    return secret
 
 
 class StateConfig(_Section):
@@ -364,6 +399,13 @@ class StatsConfig(_Section):
 
 
 class BufferConfig(_Section):
+    mode: Literal["spill", "always", "memory"] = Field(
+        default="spill",
+        description='"spill": chunks stay in memory while the aggregator keeps up, and go to '
+        'disk while it is away, when memory is full, and at shutdown. "always": every chunk '
+        'is written to disk before it is sent. "memory": no disk buffer; positions move only '
+        "on acks, and the followers pause when memory is full.",
+    )
     max_bytes: Size = Field(
         default=_size_default("256MiB"),
         description="The most the disk buffer under [state] dir may hold.",

@@ -16,13 +16,15 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from forwarder.buffer import ChunkBuffer
+from forwarder.buffer import ChunkBuffer, open_store
 from forwarder.checkpoint import PositionStore, PositionTracker
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.docker.engine import Engine
-from forwarder.docker.follower import EngineLogSource
+from forwarder.docker.follower import EngineLogSource, advance
 from forwarder.docker.frames import LogLine
+from forwarder.docker.lifecycle import event_container, lifecycle_record
+from forwarder.docker.stats_poller import StatsPoller
 from forwarder.events import ContainerId, ContainerInfo, Position
 from forwarder.forward.client import ForwardOutput
 from forwarder.forward.protocol import (
@@ -74,9 +76,35 @@ class Collector:
     async def add_lines(
         self, container: ContainerInfo, lines: list[LogLine], position: Position
     ) -> None:
-        entries = encode_log_entries(container.id, container.name, lines)
         self.lines_in += len(lines)
-        await self._add(self.log_tag(container), entries, len(lines), (container.cid, position))
+        tag = self.log_tag(container)
+        for part, part_position in self._split(container, lines, position):
+            entries = encode_log_entries(container.id, container.name, part)
+            await self._add(tag, entries, len(part), (container.cid, part_position))
+
+    def _split(
+        self, container: ContainerInfo, lines: list[LogLine], position: Position
+    ) -> list[tuple[list[LogLine], Position]]:
+        """Cut a batch (one engine read can hold a thousand lines) into parts that fit in a
+        chunk, each with the position it reaches. An inner part's count at its last
+        nanosecond ignores earlier parts, so it can only be lower: a resume from it repeats
+        a line rather than skipping one."""
+        limit = self.config.output.chunk_limit
+        overhead = 64 + len(container.id) + len(container.name)
+        if len(lines) * overhead + sum(len(line.text) for line in lines) <= limit:
+            return [(lines, position)]
+        parts: list[tuple[list[LogLine], Position]] = []
+        start, size = 0, 0
+        for index, line in enumerate(lines):
+            size += overhead + len(line.text)
+            if size > limit and index > start:
+                part = lines[start:index]
+                part_position = advance(None, part)
+                assert part_position is not None
+                parts.append((part, part_position))
+                start, size = index, overhead + len(line.text)
+        parts.append((lines[start:], position))
+        return parts
 
     async def add_records(self, tag: str, records: list[tuple[int, dict[str, Any]]]) -> None:
         await self._add(tag, encode_entries(records), len(records), None)
@@ -183,11 +211,31 @@ class Pipeline:
         committed, last_run_ns = self.store.load()
         self.first_start = last_run_ns is None
         self.tracker = PositionTracker(committed)
-        self.buffer = ChunkBuffer(config.output.buffer_limit)
+        buffer_cfg = config.buffer
+        self.buffer = ChunkBuffer(
+            config.output.buffer_limit,
+            store=None
+            if buffer_cfg.mode == "memory"
+            else open_store(config.state.dir, buffer_cfg.max_bytes),
+            always_disk=buffer_cfg.mode == "always",
+            drop_oldest=buffer_cfg.overflow == "drop_oldest",
+            on_durable=self._durable,
+        )
         self.collector = Collector(config, self.buffer, self.tracker)
         self.checkpointer = Checkpointer(self.store, self.tracker)
         self.engine = Engine(config.docker.host)
         self._forget_later: set[ContainerId] = set()
+        stats_interval_s = config.stats.interval.total_seconds()
+        self.stats: StatsPoller | None = None
+        if stats_interval_s > 0:
+            self.stats = StatsPoller(
+                self.engine,
+                interval_s=stats_interval_s,
+                tag=compile_template(config.tags.stats),
+                sink=self.collector.add_records,
+            )
+        self._events_tag = compile_template(config.tags.events)
+        self.lifecycle_records = 0
         self.discovery = Discovery(
             config=config,
             engine=self.engine,
@@ -197,6 +245,9 @@ class Pipeline:
             first_start=self.first_start,
             last_run_ns=last_run_ns,
             on_gone=self._on_gone,
+            on_event=self._on_event,
+            on_container=self._on_container,
+            on_stopped=self._on_stopped,
         )
         self.output: ForwardOutput | StdoutOutput
         if config.output.mode == "stdout":
@@ -206,6 +257,7 @@ class Pipeline:
                 config.output,
                 get_chunk=self.buffer.get,
                 delivered=self._delivered,
+                stalled=self.buffer.stall,
                 ssl_context=_ssl_context(config),
                 handshake_factory=_handshake_factory(config),
             )
@@ -213,11 +265,17 @@ class Pipeline:
         self.lines_delivered = 0
         self._tasks: list[asyncio.Task[None]] = []
 
+    def _durable(self, chunk: Chunk) -> None:
+        """The chunk is in the disk buffer: a restart replays it, so its positions commit."""
+        if self.tracker.delivered(chunk.seq):
+            self.checkpointer.mark()
+
     async def _delivered(self, chunk: Chunk) -> None:
         self.chunks_delivered += 1
         self.lines_delivered += chunk.count
         if self.tracker.delivered(chunk.seq):
             self.checkpointer.mark()
+        self.buffer.recovered()
         await self.buffer.done(chunk)
         if self._forget_later:
             self._forget_done()
@@ -226,6 +284,46 @@ class Pipeline:
         self._forget_later.add(cid)
         self.collector.forget(cid)
         self._forget_done()
+
+    def _on_container(self, container: ContainerInfo) -> None:
+        if self.stats is not None:
+            self.stats.start(container)
+
+    def _on_stopped(self, cid: ContainerId) -> None:
+        if self.stats is not None:
+            self.stats.stop(cid)
+
+    async def _on_event(self, event: dict[str, Any], container: ContainerInfo | None) -> None:
+        """A lifecycle record for a container event (not for excluded containers)."""
+        info = event_container(event, container)
+        label = self.config.docker.exclude_label
+        if info is None or (label and info.labels.get(label, "").lower() == "true"):
+            return
+        entry = lifecycle_record(event, info)
+        if entry is None:
+            return
+        ts_ns, record = entry
+        await self.collector.add_records(self._events_tag(info), [(ts_ns, record.record())])
+        self.lifecycle_records += 1
+
+    def status(self) -> dict[str, int | None]:
+        """Counts for the SIGUSR1 status line (None: not known)."""
+        return {
+            "tasks": len(asyncio.all_tasks()),
+            "followers": len(self.discovery.followers),
+            "stats_pollers": len(self.stats) if self.stats is not None else 0,
+            "engine_connections": self.engine.open_connections(),
+            "lines_read": self.collector.lines_in,
+            "buffer_chunks": self.buffer.queued,
+            "buffer_bytes": self.buffer.bytes_held,
+            "disk_chunks": self.buffer.disk_chunks,
+            "disk_bytes": self.buffer.disk_bytes,
+            "dropped_records": self.buffer.dropped_records,
+            "chunks_delivered": self.chunks_delivered,
+            "lines_delivered": self.lines_delivered,
+            "stats_records": self.stats.records_out if self.stats is not None else 0,
+            "lifecycle_records": self.lifecycle_records,
+        }
 
     def _forget_done(self) -> None:
         for cid in list(self._forget_later):
@@ -236,6 +334,18 @@ class Pipeline:
 
     async def start(self) -> None:
         self.config.state.dir.mkdir(parents=True, exist_ok=True)
+        damage = await self.buffer.open()
+        if damage:
+            log.warning(
+                "disk buffer: skipped %d damaged records (a crash in the middle of a write?); "
+                "the records around them are kept: %s",
+                len(damage),
+                "; ".join(str(d) for d in damage),
+            )
+        if self.buffer.disk_chunks:
+            log.info(
+                "disk buffer: %d chunks from the last run, delivered first", self.buffer.disk_chunks
+            )
         # Written at once, so that a later start knows this one happened (and when).
         await self.checkpointer.save_now()
         spawn = asyncio.create_task
@@ -260,6 +370,8 @@ class Pipeline:
         """Stop reading, deliver what is held for up to ``timeout_s``; True if all went."""
         deadline = time.monotonic() + timeout_s
         await _cancel(self._discovery_task)
+        if self.stats is not None:
+            await self.stats.aclose()
         await _cancel(self._flusher_task)
         delivered_all = False
         try:
@@ -268,14 +380,21 @@ class Pipeline:
                 await self.buffer.wait_empty()
                 delivered_all = True
         except TimeoutError:
-            log.warning(
-                "shutdown: %d chunks (%d bytes) not delivered within %.1fs; their lines will "
-                "be read again from the engine on the next start",
-                self.buffer.queued + (1 if getattr(self.output, "in_flight", None) else 0),
-                self.buffer.bytes_held,
-                timeout_s,
-            )
+            pass
+        in_flight = getattr(self.output, "in_flight", None)
         await _cancel(self._output_task)
+        if not delivered_all:
+            written = await self.buffer.close(in_flight)
+            log.warning(
+                "shutdown: not all delivered within %.1fs; %s",
+                timeout_s,
+                f"{self.buffer.disk_chunks + written} chunks kept in the disk buffer for the "
+                "next start"
+                if self.buffer.store is not None
+                else "their lines will be read from the engine again on the next start",
+            )
+        else:
+            await self.buffer.close(None)
         await _cancel(self._checkpoint_task)
         try:
             await self.checkpointer.save_now()

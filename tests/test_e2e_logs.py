@@ -50,7 +50,12 @@ def make_collector(engine: Engine, tmp_path: Path) -> Iterator[MakeCollector]:
 
 
 def logs_of(records: list[Any], container_id: str) -> list[str]:
-    return [r["record"]["log"] for r in records if r["record"]["container_id"] == container_id]
+    """The log lines of a container (its lifecycle records left out)."""
+    return [
+        r["record"]["log"]
+        for r in records
+        if r["record"]["container_id"] == container_id and "log" in r["record"]
+    ]
 
 
 def test_container_running_before_the_collector_is_read_from_head(
@@ -100,7 +105,7 @@ def test_stdout_and_stderr_long_lines_are_kept_apart_and_whole(
     mine = sorted(
         (r["record"]["source"], r["record"]["log"])
         for r in records
-        if r["record"]["container_id"] == cid
+        if r["record"]["container_id"] == cid and "log" in r["record"]
     )
     assert mine == [
         ("stderr", "e" * 40000),
@@ -116,7 +121,9 @@ def test_tty_container(
     make_collector(forward_receiver.address)
     cid = engine.run("sh", "-c", "sleep 0.5; echo tty-1; echo tty-2; sleep 600", tty=True)
     records = forward_receiver.wait_for(lambda rs: len(logs_of(rs, cid)) >= 2, timeout=30)
-    mine = [r["record"] for r in records if r["record"]["container_id"] == cid]
+    mine = [
+        r["record"] for r in records if r["record"]["container_id"] == cid and "log" in r["record"]
+    ]
     assert [(r["source"], r["log"]) for r in mine] == [("stdout", "tty-1"), ("stdout", "tty-2")]
 
 
@@ -161,7 +168,7 @@ def test_records_match_dockers_fluentd_log_driver(
         return sorted(
             (r["tag"], r["time_ns"], tuple(sorted(r["record"].items())))
             for r in records
-            if r["record"].get("container_id") == cid
+            if r["record"].get("container_id") == cid and "log" in r["record"]
         )
 
     assert view(mine) == view(theirs)

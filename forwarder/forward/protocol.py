@@ -51,6 +51,11 @@ class RemoteProtocolError(ProtocolError):
     """The server sent something we can't accept; drop the connection and retry."""
 
 
+class HandshakeRequiredError(RemoteProtocolError):
+    """The server sent a HELO on a connection opened without the handshake: it has security
+    configured and wants a shared key that our configuration does not give."""
+
+
 def event_time(ts_ns: int) -> msgpack.ExtType:
     seconds, ns = divmod(ts_ns, 1_000_000_000)
     return ExtType(EVENT_TIME_EXT, _EVENT_TIME.pack(seconds, ns))
@@ -272,6 +277,8 @@ class ClientConnection:
         AWAITING_HELO --Helo--> AWAITING_PONG --Pong--> READY     (with a handshake)
         READY --send_chunk(ack)--> AWAITING_ACK --Acked--> READY
         any --close--> CLOSED
+
+    A HELO on a connection made without the handshake raises HandshakeRequiredError.
     """
 
     def __init__(self, *, handshake: bool) -> None:
@@ -317,6 +324,10 @@ class ClientConnection:
             if isinstance(obj, list) and obj and obj[0] == "PONG":
                 return Pong(obj)
             raise RemoteProtocolError(f"expected PONG, got {_shorten(obj)}")
+        if state in (ConnState.READY, ConnState.AWAITING_ACK) and _is_helo(obj):
+            raise HandshakeRequiredError(
+                "the server asks for the handshake (HELO), but [output] shared_key is not set"
+            )
         if state is ConnState.AWAITING_ACK:
             if isinstance(obj, dict) and "ack" in obj:
                 ack = obj["ack"]
@@ -346,6 +357,10 @@ class ClientConnection:
 
     def close(self) -> None:
         self.state = ConnState.CLOSED
+
+
+def _is_helo(obj: object) -> bool:
+    return isinstance(obj, list) and len(obj) == 2 and obj[0] == "HELO"
 
 
 def _shorten(obj: object, limit: int = 80) -> str:

@@ -116,6 +116,22 @@ class CollectorProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def status(self) -> dict[str, int | None]:
+        """Send SIGUSR1 and parse the status line the collector logs (None: not known)."""
+        before = self.log().count(" status: ")
+        os.kill(self.pid, signal.SIGUSR1)
+
+        def logged() -> str | None:
+            lines = [line for line in self.log().splitlines() if " status: " in line]
+            return lines[-1] if len(lines) > before else None
+
+        line = wait_until(logged, timeout=10, what="the status line")
+        counts: dict[str, int | None] = {}
+        for item in line.split(" status: ", 1)[1].split():
+            key, _, value = item.partition("=")
+            counts[key] = None if value == "?" else int(value)
+        return counts
+
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

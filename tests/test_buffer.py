@@ -1,0 +1,185 @@
+"""The chunk buffer: memory while the output keeps up, disk when it stalls, nothing dropped."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from forwarder.buffer import ChunkBuffer, open_store
+from forwarder.events import ContainerId, Position
+from forwarder.forward.protocol import Chunk, new_chunk_id
+from forwarder.segments import SegmentStore
+
+T = TypeVar("T")
+CID = ContainerId("c" * 64)
+
+
+def chunk(seq: int, size: int = 100) -> Chunk:
+    return Chunk(seq, new_chunk_id(), "t", bytes([seq % 256]) * size, 1, {CID: Position(seq, 1)})
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def bounded() -> T:
+        async with asyncio.timeout(10):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_memory_only_blocks_when_full_and_frees_on_done() -> None:
+    async def scenario() -> None:
+        buffer = ChunkBuffer(250)
+        await buffer.put(chunk(1))
+        await buffer.put(chunk(2))
+        third = asyncio.create_task(buffer.put(chunk(3)))
+        await settle()
+        assert not third.done() and buffer.waiting_puts == 1  # the followers pause
+        first = await buffer.get()
+        await settle()
+        assert not third.done()  # a chunk being sent still holds its place
+        await buffer.done(first)
+        await third
+        assert [(await buffer.get()).seq for _ in range(2)] == [2, 3]
+
+    run(scenario())
+
+
+def test_an_oversized_chunk_enters_an_empty_buffer() -> None:
+    async def scenario() -> None:
+        buffer = ChunkBuffer(10)
+        await buffer.put(chunk(1, size=100))
+        assert (await buffer.get()).seq == 1
+
+    run(scenario())
+
+
+def test_stall_spills_to_disk_and_commits_positions(tmp_path: Path) -> None:
+    durable: list[int] = []
+
+    async def scenario() -> None:
+        store = open_store(tmp_path, 1 << 20)
+        buffer = ChunkBuffer(1 << 20, store=store, on_durable=lambda c: durable.append(c.seq))
+        await buffer.open()
+        for seq in (1, 2, 3):
+            await buffer.put(chunk(seq))
+        assert durable == [] and buffer.disk_chunks == 0  # memory while all is well
+        in_flight = await buffer.get()
+        await buffer.stall(in_flight)  # no server can take it
+        assert sorted(durable) == [1, 2, 3]
+        await buffer.put(chunk(4))  # while stalled, new chunks go to disk too
+        assert durable[-1] == 4
+        order = []
+        for _ in range(4):
+            got = await buffer.get()
+            order.append(got.seq if got.seq else got.payload[0])
+            await buffer.done(got)
+        assert order == [1, 2, 3, 4]  # oldest first
+        await buffer.close(None)
+        assert store.live_chunks == 0
+
+    run(scenario())
+
+
+def test_the_backlog_survives_a_restart(tmp_path: Path) -> None:
+    async def first_run() -> None:
+        buffer = ChunkBuffer(1 << 20, store=open_store(tmp_path, 1 << 20))
+        await buffer.open()
+        for seq in (1, 2):
+            await buffer.put(chunk(seq))
+        in_flight = await buffer.get()
+        await buffer.close(in_flight)  # stopping with both undelivered
+
+    async def second_run() -> list[bytes]:
+        buffer = ChunkBuffer(1 << 20, store=open_store(tmp_path, 1 << 20))
+        assert await buffer.open() == []
+        assert buffer.disk_chunks == 2
+        payloads = []
+        for _ in range(2):
+            got = await buffer.get()
+            payloads.append(got.payload)
+            await buffer.done(got)
+        await buffer.close(None)
+        return payloads
+
+    run(first_run())
+    assert run(second_run()) == [bytes([1]) * 100, bytes([2]) * 100]
+
+    async def third_run() -> int:
+        buffer = ChunkBuffer(1 << 20, store=open_store(tmp_path, 1 << 20))
+        await buffer.open()
+        return buffer.disk_chunks
+
+    assert run(third_run()) == 0  # delivered chunks are not replayed
+
+
+def test_always_mode_writes_every_chunk_before_it_is_sent(tmp_path: Path) -> None:
+    durable: list[int] = []
+
+    async def scenario() -> None:
+        store = open_store(tmp_path, 1 << 20)
+        buffer = ChunkBuffer(
+            1 << 20, store=store, always_disk=True, on_durable=lambda c: durable.append(c.seq)
+        )
+        await buffer.open()
+        await buffer.put(chunk(1))
+        assert durable == [1] and store.live_chunks == 1
+        got = await buffer.get()
+        await buffer.done(got)
+        assert store.live_chunks == 0
+
+    run(scenario())
+
+
+def test_a_full_disk_blocks_until_a_delivery_frees_room(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = SegmentStore(tmp_path, max_bytes=2000, segment_bytes=600)
+        buffer = ChunkBuffer(1 << 20, store=store, always_disk=True)
+        await buffer.open()
+        puts = [asyncio.create_task(buffer.put(chunk(seq, size=500))) for seq in range(1, 6)]
+        await asyncio.wait(puts, timeout=2)
+        blocked = [p for p in puts if not p.done()]
+        assert blocked, "the disk cap was not enforced"
+        while blocked:
+            got = await buffer.get()
+            await buffer.done(got)
+            await asyncio.wait(blocked, timeout=0.5)
+            blocked = [p for p in blocked if not p.done()]
+        assert buffer.dropped_chunks == 0
+
+    run(scenario())
+
+
+def test_drop_oldest_counts_and_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> ChunkBuffer:
+        store = SegmentStore(tmp_path, max_bytes=2000, segment_bytes=600)
+        buffer = ChunkBuffer(1 << 20, store=store, always_disk=True, drop_oldest=True)
+        await buffer.open()
+        for seq in range(1, 8):
+            await buffer.put(chunk(seq, size=500))
+        return buffer
+
+    buffer = run(scenario())
+    assert buffer.dropped_chunks > 0
+    assert buffer.dropped_records == buffer.dropped_chunks
+    assert caplog.text.count("dropped the oldest chunk") == buffer.dropped_chunks
+
+
+def test_stall_without_a_disk_keeps_the_chunk_first() -> None:
+    async def scenario() -> None:
+        buffer = ChunkBuffer(1 << 20)
+        await buffer.put(chunk(1))
+        await buffer.put(chunk(2))
+        first = await buffer.get()
+        await buffer.stall(first)
+        assert (await buffer.get()).seq == 1
+
+    run(scenario())
