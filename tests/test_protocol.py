@@ -66,6 +66,25 @@ def test_log_entries_decode_back_to_the_driver_keys(count: int) -> None:
         LogEvent.model_validate(record)  # exactly the model's keys, nothing else
 
 
+def test_log_entries_equal_the_generic_encoding_of_the_model() -> None:
+    lines = [
+        LogLine("stderr", 1_700_000_000_999_999_999, "ünï €"),
+        LogLine("stdout", 5, "x" * 70000),
+    ]
+    generic = encode_entries(
+        [
+            (
+                line.ts_ns,
+                LogEvent(
+                    container_id=CID, container_name="/w", source=line.source, log=line.text
+                ).record(),
+            )  # type: ignore[arg-type]
+            for line in lines
+        ]
+    )
+    assert encode_log_entries(CID, "/w", lines) == generic
+
+
 def test_entries_with_arbitrary_records_round_trip() -> None:
     data = encode_entries([(5_000_000_001, {"a": 1}), (6_000_000_000, {"b": [1, 2]})])
     assert list(decode_entries(data)) == [
@@ -214,11 +233,24 @@ def test_an_endless_reply_is_capped() -> None:
             conn.receive_data(b"\xdb\xff\xff\xff\xff" + b"x" * 100_000)  # a 4 GiB str header
 
 
-def test_sending_while_awaiting_an_ack_is_our_bug() -> None:
+def test_pipelined_chunks_await_their_acks_together() -> None:
+    conn = ClientConnection(handshake=False)
+    conn.send_chunk(chunk(), expect_ack=True)
+    conn.send_chunk(chunk("id-2"), expect_ack=True)
+    assert conn.awaiting_acks == 2
+    conn.receive_data(msgpack.packb({"ack": "id-1"}) + msgpack.packb({"ack": "id-2"}))
+    assert conn.next_event() == Acked(ChunkId("id-1"))
+    assert conn.state is ConnState.AWAITING_ACK
+    assert conn.next_event() == Acked(ChunkId("id-2"))
+    assert conn.state is ConnState.READY
+    assert conn.awaiting_acks == 0
+
+
+def test_sending_a_chunk_that_already_awaits_its_ack_is_our_bug() -> None:
     conn = ClientConnection(handshake=False)
     conn.send_chunk(chunk(), expect_ack=True)
     with pytest.raises(LocalProtocolError):
-        conn.send_chunk(chunk("id-2"), expect_ack=True)
+        conn.send_chunk(chunk(), expect_ack=True)
 
 
 def test_handshake_states() -> None:

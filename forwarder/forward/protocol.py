@@ -90,31 +90,45 @@ def encode_entries(entries: Sequence[tuple[int, dict[str, Any]]]) -> bytes:
     return _strip_array_header(packed, len(entries))
 
 
-def encode_log_entries(container_id: str, container_name: str, lines: Sequence[LogLine]) -> bytes:
-    """Concatenated log entries with exactly the keys Docker's fluentd driver sends.
+_ENTRY_HEAD = b"\x92\xd7\x00"  # [time, record]: a 2-array, then fixext 8 of type 0 (EventTime)
 
-    One ``pack`` call for the whole batch: the per-line work is building a small list and
-    dict, and the msgpack encoding itself runs in C.
+
+def encode_log_entries(container_id: str, container_name: str, lines: Sequence[LogLine]) -> bytes:
+    """Concatenated log entries with exactly the keys Docker's fluentd driver sends, in
+    :class:`~forwarder.events.LogEvent`'s order.
+
+    Everything but the time, the source and the text is the same for every line of a batch,
+    so it is packed once; per line there is one ``struct`` call and one msgpack call (both
+    in C), and the parts are joined once.
     """
-    if not lines:
-        return b""
+    pack = _PACKER.pack
+    head = (
+        b"\x84"
+        + pack("container_id")
+        + pack(container_id)
+        + pack("container_name")
+        + pack(container_name)
+        + pack("source")
+    )
+    source_and_key = {
+        "stdout": pack("stdout") + pack("log"),
+        "stderr": pack("stderr") + pack("log"),
+    }
     pack_time = _EVENT_TIME.pack
     billion = 1_000_000_000
-    packed = _PACKER.pack(
-        [
-            [
-                ExtType(0, pack_time(*divmod(line.ts_ns, billion))),
-                {
-                    "container_id": container_id,
-                    "container_name": container_name,
-                    "source": line.source,
-                    "log": line.text,
-                },
-            ]
-            for line in lines
-        ]
-    )
-    return _strip_array_header(packed, len(lines))
+    parts: list[bytes] = []
+    extend = parts.extend
+    for line in lines:
+        extend(
+            (
+                _ENTRY_HEAD,
+                pack_time(*divmod(line.ts_ns, billion)),
+                head,
+                source_and_key[line.source],
+                pack(line.text),
+            )
+        )
+    return b"".join(parts)
 
 
 def encode_message(
@@ -275,10 +289,13 @@ class ClientConnection:
     transitions (anything else raises):
 
         AWAITING_HELO --Helo--> AWAITING_PONG --Pong--> READY     (with a handshake)
-        READY --send_chunk(ack)--> AWAITING_ACK --Acked--> READY
+        READY --send_chunk(ack)--> AWAITING_ACK --Acked (the last one awaited)--> READY
+        AWAITING_ACK --send_chunk(ack)--> AWAITING_ACK           (pipelined chunks)
         any --close--> CLOSED
 
-    A HELO on a connection made without the handshake raises HandshakeRequiredError.
+    Several chunks may await their acks at once; an ack for a chunk not awaited is the
+    server's fault. A HELO on a connection made without the handshake raises
+    HandshakeRequiredError.
     """
 
     def __init__(self, *, handshake: bool) -> None:
@@ -288,7 +305,7 @@ class ClientConnection:
         self._unpacker = msgpack.Unpacker(
             raw=False, unicode_errors="surrogateescape", max_buffer_size=MAX_REPLY_BYTES
         )
-        self._awaiting: ChunkId | None = None
+        self._awaiting: dict[ChunkId, None] = {}  # insertion-ordered: oldest first
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.state.value}>"
@@ -333,10 +350,11 @@ class ClientConnection:
                 ack = obj["ack"]
                 if isinstance(ack, bytes):
                     ack = ack.decode("ascii", "replace")
-                if ack != self._awaiting:
+                if ack not in self._awaiting:
                     raise RemoteProtocolError(f"ack for an unknown chunk {_shorten(ack)}")
-                self._awaiting = None
-                self.state = ConnState.READY
+                del self._awaiting[ack]
+                if not self._awaiting:
+                    self.state = ConnState.READY
                 return Acked(ChunkId(ack))
             raise RemoteProtocolError(f"expected an ack, got {_shorten(obj)}")
         raise RemoteProtocolError(f"unexpected message from the server: {_shorten(obj)}")
@@ -347,11 +365,18 @@ class ClientConnection:
             raise LocalProtocolError(f"handshake_done in state {self.state.value}")
         self.state = ConnState.READY
 
+    @property
+    def awaiting_acks(self) -> int:
+        """Chunks sent whose ack has not come yet."""
+        return len(self._awaiting)
+
     def send_chunk(self, chunk: Chunk, *, expect_ack: bool) -> bytes:
-        if self.state is not ConnState.READY:
+        if self.state not in (ConnState.READY, ConnState.AWAITING_ACK):
             raise LocalProtocolError(f"send_chunk in state {self.state.value}")
         if expect_ack:
-            self._awaiting = chunk.chunk_id
+            if chunk.chunk_id in self._awaiting:
+                raise LocalProtocolError(f"chunk {chunk.chunk_id} is already awaiting its ack")
+            self._awaiting[chunk.chunk_id] = None
             self.state = ConnState.AWAITING_ACK
         return chunk.payload
 
