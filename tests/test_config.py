@@ -103,12 +103,11 @@ def test_version() -> None:
     assert result.returncode == 0 and result.stdout.startswith("forwarder ")
 
 
-def test_the_kubernetes_example_config_is_valid() -> None:
+def test_the_kubernetes_example_config_is_valid(tmp_path: Path) -> None:
     text = (ROOT / "conf" / "kubernetes" / "daemonset.yaml").read_text()
     embedded = text.split("forwarder.toml: |\n", 1)[1].split("---", 1)[0]
     toml = "\n".join(line[4:] for line in embedded.splitlines())
-    path = ROOT / ".state" / "daemonset.toml"
-    path.parent.mkdir(exist_ok=True)
+    path = tmp_path / "daemonset.toml"
     path.write_text(toml)
     cfg = load_config(path, env={"FORWARD_SHARED_KEY": "k", "NODE_NAME": "node-1"})
     assert cfg.output.shared_key == "k" and cfg.output.self_hostname == "node-1"
