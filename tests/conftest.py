@@ -25,6 +25,11 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from tests.harness.collector import (  # noqa: E402
+    CollectorProcess,
+    collector_env,
+    write_config,
+)
 from tests.harness.engine import Engine  # noqa: E402
 from tests.harness.receivers import (  # noqa: E402
     CountingReceiver,
@@ -134,3 +139,39 @@ def make_node_receiver() -> Iterator[Callable[..., NodeReceiver]]:
 def node_receiver(make_node_receiver: Callable[..., NodeReceiver]) -> NodeReceiver:
     """A started NodeReceiver without security, TLS or ack changes."""
     return make_node_receiver()
+
+
+@pytest.fixture
+def make_collector(
+    engine: Engine, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., CollectorProcess]]:
+    """``make_collector(server, start=True, **sections)``: `forwarder run` as a process on
+    the test engine, shipping to ``server``, stopped after the test. Its config is a quick
+    base (head of every log, short flushes and retries, state in tmp_path, stats off),
+    updated by the test module's ``COLLECTOR_DEFAULTS`` and then by ``sections``."""
+    made: list[CollectorProcess] = []
+    module_defaults: dict[str, dict[str, Any]] = getattr(request.module, "COLLECTOR_DEFAULTS", {})
+
+    def make(server: str, *, start: bool = True, **sections: dict[str, Any]) -> CollectorProcess:
+        config: dict[str, dict[str, Any]] = {
+            "docker": {"host": engine.host, "read_from": "head"},
+            "output": {
+                "servers": [server],
+                "flush_interval": "200ms",
+                "retry_wait": "100ms",
+                "retry_max_wait": "1s",
+            },
+            "state": {"dir": str(tmp_path / "state")},
+            "stats": {"interval": "0s"},
+        }
+        for overrides in (module_defaults, sections):
+            for name, keys in overrides.items():
+                config.setdefault(name, {}).update(keys)
+        path = write_config(tmp_path / f"forwarder-{len(made)}.toml", config)
+        collector = CollectorProcess(path, collector_env(engine.env), tmp_path)
+        made.append(collector)
+        return collector.start() if start else collector
+
+    yield make
+    for collector in made:
+        collector.stop()

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from forwarder.docker.frames import Demuxer
-from tests.harness.collector import CollectorProcess, collector_env, write_config
+from tests.harness.collector import CollectorProcess
 from tests.harness.engine import Engine
 from tests.harness.polling import wait_until
 from tests.harness.receivers import ForwardReceiver
@@ -35,36 +35,17 @@ def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
 
 
-@pytest.fixture
-def make_collector(engine: Engine, tmp_path: Path, state_dir: Path) -> Iterator[MakeCollector]:
-    made: list[CollectorProcess] = []
-
-    def make(server: str, *, start: bool = True, **sections: dict[str, Any]) -> CollectorProcess:
-        config: dict[str, dict[str, Any]] = {
-            "docker": {"host": engine.host, "read_from": "head"},
-            "output": {
-                "servers": [server],
-                "flush_interval": "200ms",
-                "ack_timeout": "2s",
-                "connect_timeout": "2s",
-                "retry_wait": "100ms",
-                "retry_max_wait": "1s",
-                "heartbeat_interval": "200ms",
-            },
-            "state": {"dir": str(state_dir)},
-            "stats": {"interval": "0s"},
-            "service": {"shutdown_timeout": "3s"},
-        }
-        for name, keys in sections.items():
-            config.setdefault(name, {}).update(keys)
-        path = write_config(tmp_path / f"forwarder-{len(made)}.toml", config)
-        collector = CollectorProcess(path, collector_env(engine.env), tmp_path)
-        made.append(collector)
-        return collector.start() if start else collector
-
-    yield make
-    for collector in made:
-        collector.stop()
+COLLECTOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "output": {
+        "flush_interval": "200ms",
+        "ack_timeout": "2s",
+        "connect_timeout": "2s",
+        "retry_wait": "100ms",
+        "retry_max_wait": "1s",
+        "heartbeat_interval": "200ms",
+    },
+    "service": {"shutdown_timeout": "3s"},
+}
 
 
 Line = tuple[int, str]  # (engine timestamp in ns, text): the same text can come twice

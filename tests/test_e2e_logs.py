@@ -6,47 +6,16 @@ receiver got: the records, their keys and times, nothing missing, nothing twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from forwarder.docker.frames import Demuxer
 from forwarder.events import LogEvent
-from tests.harness.collector import CollectorProcess, collector_env, write_config
+from tests.harness.collector import CollectorProcess
 from tests.harness.engine import Engine
 from tests.harness.receivers import ForwardReceiver, NodeReceiver
 
 MakeCollector = Callable[..., CollectorProcess]
-
-
-@pytest.fixture
-def make_collector(engine: Engine, tmp_path: Path) -> Iterator[MakeCollector]:
-    made: list[CollectorProcess] = []
-
-    def make(server: str, **sections: dict[str, Any]) -> CollectorProcess:
-        config: dict[str, dict[str, Any]] = {
-            "docker": {"host": engine.host, "read_from": "head"},
-            "output": {
-                "servers": [server],
-                "flush_interval": "200ms",
-                "retry_wait": "100ms",
-                "retry_max_wait": "1s",
-            },
-            "state": {"dir": str(tmp_path / "state")},
-            "stats": {"interval": "0s"},
-        }
-        for name, keys in sections.items():
-            config.setdefault(name, {}).update(keys)
-        path = write_config(tmp_path / f"forwarder-{len(made)}.toml", config)
-        collector = CollectorProcess(path, collector_env(engine.env), tmp_path)
-        made.append(collector)
-        return collector.start()
-
-    yield make
-    for collector in made:
-        collector.stop()
 
 
 def logs_of(records: list[Any], container_id: str) -> list[str]:

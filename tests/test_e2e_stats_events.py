@@ -12,16 +12,15 @@ import os
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 
 from forwarder.events import LifecycleEvent, StatsEvent
-from tests.harness.collector import CollectorProcess, collector_env, write_config
+from tests.harness.collector import CollectorProcess
 from tests.harness.engine import Engine
 from tests.harness.polling import wait_until
 from tests.harness.receivers import ForwardReceiver, ReceivedRecord
@@ -42,32 +41,7 @@ SHIPPED = {
 }
 
 
-@pytest.fixture
-def make_collector(engine: Engine, tmp_path: Path) -> Iterator[MakeCollector]:
-    made: list[CollectorProcess] = []
-
-    def make(server: str, **sections: dict[str, Any]) -> CollectorProcess:
-        config: dict[str, dict[str, Any]] = {
-            "docker": {"host": engine.host, "read_from": "head"},
-            "output": {
-                "servers": [server],
-                "flush_interval": "200ms",
-                "retry_wait": "100ms",
-                "retry_max_wait": "1s",
-            },
-            "state": {"dir": str(tmp_path / "state")},
-            "stats": {"interval": "1s"},
-        }
-        for name, keys in sections.items():
-            config.setdefault(name, {}).update(keys)
-        path = write_config(tmp_path / f"forwarder-{len(made)}.toml", config)
-        collector = CollectorProcess(path, collector_env(engine.env), tmp_path)
-        made.append(collector)
-        return collector.start()
-
-    yield make
-    for collector in made:
-        collector.stop()
+COLLECTOR_DEFAULTS: dict[str, dict[str, Any]] = {"stats": {"interval": "1s"}}
 
 
 def status(collector: CollectorProcess) -> dict[str, int | None]:
