@@ -1,0 +1,702 @@
+"""The Forward output's decisions, without sockets: backoff, server health, smooth weighted
+round robin, standbys, and ForwardOutput's dispatch over scripted connections with an
+injected clock and sleep."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from forwarder.config import OutputConfig, ServerConfig, config_from_dict
+from forwarder.forward.client import (
+    AckTimeoutError,
+    AuthError,
+    ConnectError,
+    ConnectionLostError,
+    DeliveryError,
+    FailureKind,
+    ForwardConnection,
+    ForwardOutput,
+    Server,
+    ServerHealth,
+    ServerState,
+    SmoothWeightedRoundRobin,
+    TLSHandshakeError,
+    backoff_delays,
+    select_server,
+)
+from forwarder.forward.protocol import Chunk, ChunkId
+
+# --- backoff ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_backoff_doubles_within_jitter_bounds_up_to_the_cap(seed: int) -> None:
+    delays = backoff_delays(1.0, 60.0, rng=random.Random(seed))
+    nominal = 1.0
+    for _ in range(20):
+        delay = next(delays)
+        assert nominal / 2 <= delay <= nominal
+        nominal = min(nominal * 2, 60.0)
+    assert nominal == 60.0  # the cap was reached, and held (checked by the loop's bounds)
+
+
+def test_backoff_jitter_spreads_collectors_that_start_together() -> None:
+    firsts = {round(next(backoff_delays(1.0, 60.0, rng=random.Random(s))), 6) for s in range(20)}
+    assert len(firsts) == 20
+
+
+# --- server health ------------------------------------------------------------------------
+
+
+def health(first: float = 1.0, cap: float = 8.0) -> ServerHealth:
+    # rng whose uniform(a, b) is always b: the nominal delays, exactly
+    class Top(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return b
+
+    return ServerHealth(first, cap, rng=Top())
+
+
+def test_health_starts_up_and_eligible() -> None:
+    h = health()
+    assert h.state is ServerState.UP
+    assert h.eligible(0.0)
+    assert not h.wants_heartbeat
+
+
+def test_a_failure_marks_down_until_the_backoff_ends() -> None:
+    h = health()
+    assert h.failed(FailureKind.BROKEN, now=100.0) == 1.0
+    assert h.state is ServerState.DOWN
+    assert h.down_since == 100.0
+    assert not h.eligible(100.5)
+    assert h.eligible(101.0)
+
+
+def test_consecutive_failures_grow_the_backoff_to_its_cap_and_success_resets_it() -> None:
+    h = health(first=1.0, cap=8.0)
+    assert [h.failed(FailureKind.REFUSED, now=float(t)) for t in range(6)] == [1, 2, 4, 8, 8, 8]
+    assert h.failures == 6
+    assert h.down_since == 0.0  # the first failure's time
+    h.succeeded()
+    assert h.state is ServerState.UP
+    assert h.failures == 0
+    assert h.down_since is None
+    assert h.failed(FailureKind.REFUSED, now=50.0) == 1.0
+
+
+def test_only_an_unreachable_server_wants_a_heartbeat() -> None:
+    for kind, wants in [
+        (FailureKind.UNREACHABLE, True),
+        (FailureKind.REFUSED, False),
+        (FailureKind.BROKEN, False),
+    ]:
+        h = health()
+        h.failed(kind, now=0.0)
+        assert h.wants_heartbeat is wants, kind
+
+
+def test_a_heartbeat_makes_an_unreachable_server_eligible_at_once() -> None:
+    h = health(first=30.0, cap=60.0)
+    h.failed(FailureKind.UNREACHABLE, now=0.0)
+    assert not h.eligible(5.0)
+    h.answered_heartbeat(now=5.0)
+    assert h.eligible(5.0)
+    assert h.state is ServerState.DOWN  # the next real attempt decides
+
+
+def test_a_heartbeat_does_not_shorten_a_refusal() -> None:
+    h = health(first=30.0, cap=60.0)
+    h.failed(FailureKind.REFUSED, now=0.0)
+    h.answered_heartbeat(now=5.0)
+    assert not h.eligible(5.0)
+
+
+def test_failure_kinds_of_the_errors() -> None:
+    assert ConnectError("x").kind is FailureKind.UNREACHABLE
+    assert TLSHandshakeError("x").kind is FailureKind.REFUSED
+    assert AuthError("x").kind is FailureKind.REFUSED
+    assert ConnectionLostError("x").kind is FailureKind.BROKEN
+    assert AckTimeoutError("x").kind is FailureKind.BROKEN
+
+
+# --- smooth weighted round robin ----------------------------------------------------------
+
+
+def picks(
+    weights: dict[str, int], n: int, swrr: SmoothWeightedRoundRobin[str] | None = None
+) -> str:
+    swrr = swrr or SmoothWeightedRoundRobin()
+    return "".join(swrr.pick(weights) for _ in range(n))
+
+
+def test_swrr_interleaves_like_nginx() -> None:
+    assert picks({"a": 5, "b": 1, "c": 1}, 7) == "aabacaa"  # nginx's documented sequence
+    assert picks({"a": 3, "b": 1}, 8) == "aabaaaba"
+    assert picks({"a": 1, "b": 1}, 4) == "abab"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_swrr_gives_exact_shares_over_every_cycle(seed: int) -> None:
+    rand = random.Random(seed)
+    weights = {name: rand.randint(1, 9) for name in "abcde"[: rand.randint(1, 5)]}
+    total = sum(weights.values())
+    swrr: SmoothWeightedRoundRobin[str] = SmoothWeightedRoundRobin()
+    for _ in range(3):
+        assert collections.Counter(picks(weights, total, swrr)) == weights
+
+
+def test_swrr_never_gives_a_member_two_turns_more_than_its_share_in_a_row() -> None:
+    # 1:1:1:...:10 - the heavy member's picks are spread out, not bunched.
+    weights = {"heavy": 10, **{f"l{i}": 1 for i in range(5)}}
+    sequence = [SmoothWeightedRoundRobin[str]().pick(weights)]
+    swrr: SmoothWeightedRoundRobin[str] = SmoothWeightedRoundRobin()
+    sequence = [swrr.pick(weights) for _ in range(15)]
+    longest = max(
+        len(run) for run in "".join("H" if s == "heavy" else "." for s in sequence).split(".")
+    )
+    assert longest <= 3
+
+
+def test_swrr_starts_over_when_the_members_change() -> None:
+    swrr: SmoothWeightedRoundRobin[str] = SmoothWeightedRoundRobin()
+    assert picks({"a": 3, "b": 1}, 2, swrr) == "aa"
+    assert picks({"a": 3}, 5, swrr) == "aaaaa"  # b went away
+    # b is back: a fresh cycle (a a b a), b is neither owed nor owing past turns
+    assert picks({"a": 3, "b": 1}, 8, swrr) == "aabaaaba"
+
+
+def test_swrr_refuses_an_empty_set() -> None:
+    with pytest.raises(ValueError):
+        SmoothWeightedRoundRobin[str]().pick({})
+
+
+# --- selection: primaries, standbys, weight 0 ---------------------------------------------
+
+
+def output_config(*servers: dict[str, Any] | str, **output: Any) -> OutputConfig:
+    return config_from_dict({"output": {"servers": list(servers), **output}}, env={}).output
+
+
+def make_servers(cfg: OutputConfig) -> list[Server]:
+    return [
+        Server(
+            config=server,
+            connection=ForwardConnection(server.endpoint, connect_timeout_s=1, ack_timeout_s=1),
+            health=health(),
+        )
+        for server in cfg.servers
+    ]
+
+
+def test_standby_stays_idle_while_a_primary_is_eligible() -> None:
+    servers = make_servers(
+        output_config(
+            "tcp://a:1", "tcp://b:1", {"url": "tcp://s:1", "standby": True, "weight": 100}
+        )
+    )
+    swrr: SmoothWeightedRoundRobin[int] = SmoothWeightedRoundRobin()
+    assert {select_server(servers, swrr, 0.0) for _ in range(20)} == {0, 1}
+    servers[0].health.failed(FailureKind.UNREACHABLE, 0.0)
+    assert {select_server(servers, swrr, 0.1) for _ in range(20)} == {1}
+    servers[1].health.failed(FailureKind.REFUSED, 0.0)
+    assert {select_server(servers, swrr, 0.1) for _ in range(20)} == {2}
+    # a primary's backoff ends: it is tried before the standby again
+    assert select_server(servers, swrr, 1.0) in {0, 1}
+
+
+def test_standbys_share_by_weight_among_themselves() -> None:
+    servers = make_servers(
+        output_config(
+            "tcp://a:1",
+            {"url": "tcp://s1:1", "standby": True, "weight": 2},
+            {"url": "tcp://s2:1", "standby": True, "weight": 1},
+        )
+    )
+    servers[0].health.failed(FailureKind.BROKEN, 0.0)
+    swrr: SmoothWeightedRoundRobin[int] = SmoothWeightedRoundRobin()
+    chosen = [select_server(servers, swrr, 0.0) for _ in range(30)]
+    assert collections.Counter(chosen) == {1: 20, 2: 10}
+
+
+def test_weight_zero_takes_a_server_out() -> None:
+    servers = make_servers(output_config({"url": "tcp://a:1", "weight": 0}, "tcp://b:1"))
+    swrr: SmoothWeightedRoundRobin[int] = SmoothWeightedRoundRobin()
+    assert {select_server(servers, swrr, 0.0) for _ in range(10)} == {1}
+    servers[1].health.failed(FailureKind.BROKEN, 0.0)
+    assert select_server(servers, swrr, 0.0) is None
+
+
+def test_servers_already_tried_for_a_chunk_are_skipped() -> None:
+    servers = make_servers(output_config("tcp://a:1", "tcp://b:1"))
+    swrr: SmoothWeightedRoundRobin[int] = SmoothWeightedRoundRobin()
+    assert select_server(servers, swrr, 0.0, frozenset({0})) == 1
+    assert select_server(servers, swrr, 0.0, frozenset({0, 1})) is None
+
+
+def test_weights_3_to_1_share_chunks_3_to_1_and_interleave() -> None:
+    servers = make_servers(
+        output_config({"url": "tcp://a:1", "weight": 3}, {"url": "tcp://b:1", "weight": 1})
+    )
+    swrr: SmoothWeightedRoundRobin[int] = SmoothWeightedRoundRobin()
+    chosen = [select_server(servers, swrr, 0.0) for _ in range(400)]
+    assert collections.Counter(chosen) == {0: 300, 1: 100}
+    assert chosen[:4] == [0, 0, 1, 0]
+
+
+def test_config_refuses_all_weights_zero() -> None:
+    from forwarder.config import ConfigError
+
+    with pytest.raises(ConfigError, match="weight 0"):
+        output_config({"url": "tcp://a:1", "weight": 0})
+
+
+# --- ForwardOutput over scripted connections ----------------------------------------------
+
+
+class FakeTime:
+    """An injected clock and sleep: sleepers wake only when the test advances the time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.now + seconds, future))
+        await future
+
+    @property
+    def sleeping(self) -> int:
+        return len(self._sleepers)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = [(t, f) for t, f in self._sleepers if t <= self.now]
+        self._sleepers = [(t, f) for t, f in self._sleepers if t > self.now]
+        for _, future in due:
+            if not future.done():
+                future.set_result(None)
+
+
+HOLD = object()  # a scripted outcome: the ack stays pending until the test decides
+
+
+class ScriptedConnection:
+    """Stands in for a ForwardConnection. Each send takes the next outcome of its script
+    (the last one repeats): None, acked at once; an UNREACHABLE or REFUSED error, raised by
+    ``send`` (it happens while connecting); another DeliveryError, the ack's future fails
+    (the connection broke with the chunk in flight); HOLD, pending until ``break_`` or
+    ``ack_all``."""
+
+    def __init__(self, script: list[Any], window: int = 1) -> None:
+        self.script = script
+        self.window = window
+        self.sent: list[int] = []
+        self.is_open = False
+        self.keepalive = True
+        self.generation = 0
+        self.acked = 0
+        self.closed = 0
+        self.pending: list[asyncio.Future[None]] = []
+
+    @property
+    def idle_reused(self) -> bool:
+        return self.is_open and self.acked > 0 and not self.pending
+
+    async def send(self, chunk: Chunk, *, expect_ack: bool) -> asyncio.Future[None]:
+        self.sent.append(chunk.seq)
+        outcome = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(outcome, DeliveryError) and outcome.kind is not FailureKind.BROKEN:
+            self.is_open = False
+            raise outcome
+        if not self.is_open:
+            self.is_open = True
+            self.generation += 1
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if outcome is None:
+            future.set_result(None)
+            self.acked += 1
+        elif outcome is HOLD:
+            self.pending.append(future)
+        else:
+            assert isinstance(outcome, DeliveryError)
+            self.break_(outcome)
+            future.set_exception(outcome)
+        return future
+
+    def break_(self, error: DeliveryError) -> None:
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.set_exception(error)
+        self.is_open = False
+
+    def ack_all(self) -> None:
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.set_result(None)
+            self.acked += 1
+
+    async def wait_ack(self, future: asyncio.Future[None], deadline: float) -> None:
+        await future
+
+    async def aclose(self) -> None:
+        self.closed += 1
+        self.is_open = False
+
+
+def chunk(seq: int) -> Chunk:
+    return Chunk(seq, ChunkId(f"id-{seq}"), "t", b"payload", 1)
+
+
+class Rig:
+    """A running ForwardOutput whose connections are scripted, with a buffer that keeps a
+    stalled chunk first in line, fake time, and heartbeat probes answered by ``probe_ok``.
+
+    A stall advances the fake time past every backoff, so that waiting for a server takes
+    no real time."""
+
+    def __init__(self, cfg: OutputConfig, scripts: list[list[Any]], window: int = 1) -> None:
+        self.time = FakeTime()
+        self.queue: collections.deque[Chunk] = collections.deque()
+        self.available = asyncio.Event()
+        self.delivered: list[int] = []
+        self.stalled: list[int] = []
+        self.probes = 0
+        self.probe_ok = False
+        self.output = ForwardOutput(
+            cfg,
+            get_chunk=self._get,
+            delivered=self._delivered,
+            stalled=self._stalled,
+            clock=self.time.clock,
+            sleep=self.time.sleep,
+            rng=random.Random(1),
+        )
+        self.conns = [ScriptedConnection(script, window) for script in scripts]
+        for server, conn in zip(self.output.servers, self.conns, strict=True):
+            server.connection = conn  # type: ignore[assignment]
+        self.output._probe = self._probe  # type: ignore[method-assign]
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Rig:
+        self._task = asyncio.create_task(self.output.run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await self._task
+
+    def put(self, *seqs: int) -> None:
+        self.queue.extend(chunk(s) for s in seqs)
+        self.available.set()
+
+    async def _get(self) -> Chunk:
+        while not self.queue:
+            self.available.clear()
+            await self.available.wait()
+        return self.queue.popleft()
+
+    async def _delivered(self, c: Chunk) -> None:
+        self.delivered.append(c.seq)
+
+    async def _stalled(self, c: Chunk) -> None:
+        self.stalled.append(c.seq)
+        self.queue.appendleft(c)
+        self.available.set()
+        self.time.advance(self.output.cfg.retry_max_wait.total_seconds())
+
+    async def _probe(self, endpoint: object) -> bool:
+        self.probes += 1
+        return self.probe_ok
+
+    async def until(self, done: Callable[[], bool], budget: int = 10_000) -> None:
+        """Let the output run until ``done()``: at most ``budget`` turns of the loop."""
+        for _ in range(budget):
+            if done():
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(f"not done: delivered={self.delivered} stalled={self.stalled}")
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_a_failed_chunk_goes_to_the_next_server_and_is_delivered_once() -> None:
+    async def main() -> None:
+        scripts: list[list[DeliveryError | None]] = [[ConnectError("refused"), None], [None]]
+        async with Rig(output_config("tcp://a:1", "tcp://b:1"), scripts) as rig:
+            rig.put(1, 2, 3, 4)
+            await rig.until(lambda: len(rig.delivered) == 4)
+            assert rig.delivered == [1, 2, 3, 4]
+            assert rig.stalled == []
+            assert rig.conns[0].sent == [1]
+            assert rig.conns[1].sent == [1, 2, 3, 4]  # 1 resent, unchanged
+            assert rig.output.servers[0].health.state is ServerState.DOWN
+
+    run(main())
+
+
+def test_a_kept_alive_connection_that_broke_while_idle_is_retried_once_at_once() -> None:
+    async def main() -> None:
+        scripts: list[list[DeliveryError | None]] = [[None, ConnectionLostError("reset"), None]]
+        async with Rig(output_config("tcp://a:1"), scripts) as rig:
+            rig.put(1, 2)
+            await rig.until(lambda: len(rig.delivered) == 2)
+            assert rig.conns[0].sent == [1, 2, 2]
+            assert rig.output.servers[0].health.state is ServerState.UP
+
+    run(main())
+
+
+def test_with_every_server_down_the_chunk_is_handed_back_once_per_round() -> None:
+    async def main() -> None:
+        async with Rig(output_config("tcp://a:1"), [[AckTimeoutError("no ack")]]) as rig:
+            rig.put(1)
+            await rig.until(lambda: len(rig.stalled) >= 3)
+            assert rig.delivered == []
+            assert rig.stalled[:3] == [1, 1, 1]
+            assert rig.conns[0].sent[:3] == [1, 1, 1]  # one attempt per round
+
+    run(main())
+
+
+def test_a_refusing_server_is_not_hammered_by_heartbeats() -> None:
+    async def main() -> None:
+        refusal = AuthError("the server refused the handshake: shared key mismatch")
+        async with Rig(output_config("tcp://a:1", "tcp://b:1"), [[refusal], [None]]) as rig:
+            rig.probe_ok = True
+            rig.put(*range(1, 51))
+            await rig.until(lambda: len(rig.delivered) == 50)
+            for _ in range(20):  # 20 heartbeat intervals: no probe, no attempt
+                rig.time.advance(1.0)
+                await asyncio.sleep(0)
+            assert rig.delivered == list(range(1, 51))
+            assert rig.probes == 0
+            assert rig.output.servers[0].heartbeat is None
+            assert rig.conns[0].sent == [1]
+
+    run(main())
+
+
+def test_an_unreachable_server_comes_back_on_a_heartbeat_before_its_backoff_ends() -> None:
+    async def main() -> None:
+        cfg = output_config(
+            "tcp://a:1",
+            "tcp://b:1",
+            heartbeat_interval="1s",
+            retry_wait="60s",
+            retry_max_wait="60s",
+        )
+        scripts: list[list[DeliveryError | None]] = [[ConnectError("refused"), None], [None]]
+        async with Rig(cfg, scripts) as rig:
+            rig.put(1, 2)
+            await rig.until(lambda: len(rig.delivered) == 2)
+            for expected in (1, 2):  # one TCP probe per heartbeat interval
+                await rig.until(lambda: rig.time.sleeping == 1)
+                rig.time.advance(1.0)
+                await rig.until(lambda: rig.probes == expected)  # noqa: B023
+            rig.probe_ok = True
+            await rig.until(lambda: rig.time.sleeping == 1)
+            rig.time.advance(1.0)
+            await rig.until(lambda: rig.probes == 3)
+            rig.put(3, 4, 5, 6)
+            await rig.until(lambda: len(rig.delivered) == 6)
+            assert rig.conns[0].sent == [1, 3, 5]  # back after 3s, not 30-60s
+            assert rig.output.servers[0].health.state is ServerState.UP
+            assert rig.output.servers[0].heartbeat is not None
+            assert rig.output.servers[0].heartbeat.done()
+
+    run(main())
+
+
+def test_no_task_outlives_the_output() -> None:
+    async def main() -> None:
+        scripts: list[list[DeliveryError | None]] = [[ConnectError("refused")]] * 2
+        async with Rig(output_config("tcp://a:1", "tcp://b:1"), scripts) as rig:
+            rig.put(1)
+            await rig.until(lambda: bool(rig.stalled))
+            assert all(s.heartbeat is not None for s in rig.output.servers)
+        assert all(s.heartbeat is None for s in rig.output.servers)
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        assert not others, others
+
+    run(main())
+
+
+def test_standby_takes_over_and_hands_back(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "forwarder.forward.client")
+
+    async def main() -> None:
+        cfg = output_config("tcp://a:1", {"url": "tcp://s:1", "standby": True})
+        scripts: list[list[DeliveryError | None]] = [[None, None, ConnectError("refused")], [None]]
+        async with Rig(cfg, scripts) as rig:
+            rig.put(1, 2)
+            await rig.until(lambda: len(rig.delivered) == 2)
+            assert rig.conns[1].sent == []  # idle while the primary is up
+            rig.put(3, 4, 5)
+            await rig.until(lambda: len(rig.delivered) == 5)
+            assert rig.conns[1].sent == [3, 4, 5]
+            rig.conns[0].script = [None]
+            rig.time.advance(5.0)  # the primary's backoff ends
+            rig.put(6, 7)
+            await rig.until(lambda: len(rig.delivered) == 7)
+            assert rig.conns[1].sent == [3, 4, 5]
+            assert rig.conns[0].sent[-2:] == [6, 7]
+
+    run(main())
+    assert "standby tcp://s:1 takes the chunks" in caplog.text
+    assert "primary server tcp://a:1 is up" in caplog.text
+
+
+def test_a_failure_is_logged_once_until_the_reason_changes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "forwarder.forward.client")
+
+    async def main() -> None:
+        refused = AuthError("the server refused the handshake: x")
+        scripts: list[list[DeliveryError | None]] = [[ConnectError("refused")] * 3 + [refused]]
+        async with Rig(output_config("tcp://a:1"), scripts) as rig:
+            rig.put(1)
+            await rig.until(lambda: len(rig.stalled) >= 6)
+
+    run(main())
+    failures = [r for r in caplog.records if "marked down" in r.getMessage()]
+    assert [r.levelname for r in failures] == ["WARNING", "ERROR"]
+    assert "refused; marked down" in failures[0].getMessage()
+    assert "handshake: x; marked down" in failures[1].getMessage()
+    stalls = [r for r in caplog.records if "no server can take chunks" in r.getMessage()]
+    assert len(stalls) == 1
+
+
+def test_up_to_a_window_of_chunks_await_their_acks_on_one_connection() -> None:
+    async def main() -> None:
+        async with Rig(output_config("tcp://a:1"), [[HOLD]], window=3) as rig:
+            rig.put(1, 2, 3, 4, 5)
+            await rig.until(lambda: len(rig.conns[0].sent) == 3)
+            for _ in range(50):  # the window is full: nothing more is sent
+                await asyncio.sleep(0)
+            assert rig.conns[0].sent == [1, 2, 3]
+            rig.conns[0].ack_all()
+            await rig.until(lambda: len(rig.conns[0].sent) == 5)
+            rig.conns[0].ack_all()
+            await rig.until(lambda: len(rig.delivered) == 5)
+            # (acks that come together may be handled in any order: the position tracker
+            # commits in sealing order anyway)
+            assert sorted(rig.delivered) == [1, 2, 3, 4, 5]
+
+    run(main())
+
+
+def test_a_connection_that_breaks_with_chunks_in_flight_is_one_failure_and_they_go_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "forwarder.forward.client")
+
+    async def main() -> None:
+        cfg = output_config({"url": "tcp://a:1", "weight": 100}, {"url": "tcp://b:1", "weight": 1})
+        async with Rig(cfg, [[HOLD], [None]], window=3) as rig:
+            rig.put(1, 2, 3)
+            await rig.until(lambda: len(rig.conns[0].sent) == 3)
+            rig.conns[0].break_(ConnectionLostError("reset"))
+            await rig.until(lambda: len(rig.delivered) == 3)
+            assert rig.conns[1].sent == [1, 2, 3]  # resent in order
+            assert sorted(rig.delivered) == [1, 2, 3]
+            assert rig.stalled == []
+
+    run(main())
+    downs = [r for r in caplog.records if "marked down" in r.getMessage()]
+    assert len(downs) == 1
+
+
+def test_with_no_server_left_every_held_chunk_goes_back_newest_first() -> None:
+    async def main() -> None:
+        scripts: list[list[Any]] = [[HOLD, HOLD, HOLD, ConnectError("refused")]]
+        async with Rig(output_config("tcp://a:1"), scripts, window=3) as rig:
+            rig.put(1, 2, 3, 4)
+            await rig.until(lambda: len(rig.conns[0].sent) == 3)
+            rig.conns[0].break_(AckTimeoutError("no ack"))
+            await rig.until(lambda: len(rig.stalled) >= 4)
+            assert rig.stalled[:4] == [4, 3, 2, 1]  # so the buffer has them as 1 2 3 4
+            assert rig.delivered == []
+
+    run(main())
+
+
+def test_cancelling_the_output_hands_back_what_it_holds_newest_first() -> None:
+    async def main() -> None:
+        rig = Rig(output_config("tcp://a:1"), [[HOLD]], window=3)
+        async with rig:
+            rig.put(1, 2, 3, 4, 5)
+            await rig.until(lambda: len(rig.conns[0].sent) == 3)
+            await asyncio.sleep(0)
+        # 1-3 in flight, 4 waiting for room; 5 still in the buffer (never taken)
+        assert rig.stalled == [4, 3, 2, 1]
+        assert [c.seq for c in rig.queue] == [1, 2, 3, 4, 5]
+        assert rig.delivered == []
+
+    run(main())
+
+
+def test_an_error_in_delivered_stops_the_output() -> None:
+    async def main() -> None:
+        rig = Rig(output_config("tcp://a:1"), [[None]])
+
+        async def broken(c: Chunk) -> None:
+            raise RuntimeError("downstream bug")
+
+        rig.output._delivered = broken
+        rig.put(1, 2)
+        with pytest.raises(RuntimeError, match="downstream bug"):
+            async with asyncio.timeout(5):
+                await rig.output.run()
+
+    run(main())
+
+
+def test_connections_are_closed_when_the_output_stops() -> None:
+    async def main() -> None:
+        async with Rig(output_config("tcp://a:1", "tcp://b:1"), [[None], [None]]) as rig:
+            rig.put(1, 2)
+            await rig.until(lambda: len(rig.delivered) == 2)
+        assert [c.closed for c in rig.conns] == [1, 1]
+
+    run(main())
+
+
+def test_server_config_keeps_its_url() -> None:
+    cfg = output_config({"url": "tls://agg:24284", "weight": 5, "standby": True})
+    assert cfg.servers == [ServerConfig(url="tls://agg:24284", weight=5, standby=True)]
+
+
+# --- the connection state machine: a HELO nobody asked for ---------------------------------
+
+
+@pytest.mark.parametrize("awaiting_ack", [False, True])
+def test_a_helo_on_a_connection_without_handshake_names_the_missing_shared_key(
+    awaiting_ack: bool,
+) -> None:
+    import msgpack
+
+    from forwarder.forward.protocol import ClientConnection, HandshakeRequiredError
+
+    conn = ClientConnection(handshake=False)
+    if awaiting_ack:
+        conn.send_chunk(chunk(1), expect_ack=True)
+    conn.receive_data(msgpack.packb(["HELO", {"nonce": b"n", "auth": "", "keepalive": True}]))
+    with pytest.raises(HandshakeRequiredError, match=r"HELO\), but \[output\] shared_key is not"):
+        conn.next_event()
