@@ -256,7 +256,11 @@ class ChunkBuffer:
                 entry = self._disk.popleft()
             if entry.chunk is not None:
                 return entry.chunk
-            chunk = await self._read(entry.meta)
+            try:
+                chunk = await self._read(entry.meta)
+            except asyncio.CancelledError:
+                self._disk.appendleft(entry)  # still first in line
+                raise
             if chunk is not None:
                 self._held += chunk.size
                 return chunk
@@ -324,19 +328,15 @@ class ChunkBuffer:
                 lambda: self._held == 0 and not self._disk and not self._memory
             )
 
-    async def close(self, in_flight: Chunk | None) -> int:
-        """Stopping: write what is only in memory (and the chunk in flight) to disk, so that
-        the next start delivers it. Returns how many chunks were written. What doesn't fit
-        keeps its positions uncommitted, so the next start reads it from the engine again."""
+    async def close(self) -> int:
+        """Stopping: write what is only in memory to disk, so that the next start delivers
+        it. Returns how many chunks were written. What doesn't fit keeps its positions
+        uncommitted, so the next start reads it from the engine again."""
         if self.store is None:
             return 0
         if self._writer is not None:
             self._writer.cancel()
-        spill = [
-            c
-            for c in [in_flight, *self._memory, *(c for c, _ in self._pending)]
-            if c is not None and not c.stored
-        ]
+        spill = [c for c in [*self._memory, *(c for c, _ in self._pending)] if not c.stored]
         self._memory.clear()
         written = 0
         if spill and await self._try_append(spill):

@@ -381,10 +381,10 @@ class Pipeline:
                 delivered_all = True
         except TimeoutError:
             pass
-        in_flight = getattr(self.output, "in_flight", None)
+        # Cancelled, the output hands the chunks it held back to the buffer.
         await _cancel(self._output_task)
+        written = await self.buffer.close()
         if not delivered_all:
-            written = await self.buffer.close(in_flight)
             log.warning(
                 "shutdown: not all delivered within %.1fs; %s",
                 timeout_s,
@@ -393,8 +393,6 @@ class Pipeline:
                 if self.buffer.store is not None
                 else "their lines will be read from the engine again on the next start",
             )
-        else:
-            await self.buffer.close(None)
         await _cancel(self._checkpoint_task)
         try:
             await self.checkpointer.save_now()

@@ -83,7 +83,7 @@ def test_stall_spills_to_disk_and_commits_positions(tmp_path: Path) -> None:
             order.append(got.seq if got.seq else got.payload[0])
             await buffer.done(got)
         assert order == [1, 2, 3, 4]  # oldest first
-        await buffer.close(None)
+        await buffer.close()
         assert store.live_chunks == 0
 
     run(scenario())
@@ -96,7 +96,8 @@ def test_the_backlog_survives_a_restart(tmp_path: Path) -> None:
         for seq in (1, 2):
             await buffer.put(chunk(seq))
         in_flight = await buffer.get()
-        await buffer.close(in_flight)  # stopping with both undelivered
+        await buffer.stall(in_flight)  # the output hands back what it held when cancelled
+        await buffer.close()  # stopping with both undelivered
 
     async def second_run() -> list[bytes]:
         buffer = ChunkBuffer(1 << 20, store=open_store(tmp_path, 1 << 20))
@@ -107,7 +108,7 @@ def test_the_backlog_survives_a_restart(tmp_path: Path) -> None:
             got = await buffer.get()
             payloads.append(got.payload)
             await buffer.done(got)
-        await buffer.close(None)
+        await buffer.close()
         return payloads
 
     run(first_run())
