@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import aiodocker
 import aiohttp
 
+from forwarder.docker import httpstream
 from forwarder.events import ContainerId, ContainerInfo
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 16
+CONNECT_TIMEOUT_S = 10
+ERROR_BODY_BYTES = 64 * 1024  # an engine error is one JSON line: {"message": "..."}
 
 
 class EngineError(Exception):
@@ -131,6 +136,7 @@ class Engine:
         self.host = host
         self._docker: aiodocker.Docker | None = None
         self._connector: aiohttp.BaseConnector | None = None
+        self._log_streams = 0  # log_bytes() connections of its own, outside aiohttp's pool
 
     def __repr__(self) -> str:
         return f"<Engine {self.host}>"
@@ -167,7 +173,8 @@ class Engine:
             return None
         # The idle pool keeps a connection the engine closed until its next clean-up.
         protocols = [*acquired, *(entry[0] for conns in idle.values() for entry in conns)]
-        return sum(1 for proto in protocols if getattr(proto, "is_connected", lambda: True)())
+        pooled = sum(1 for proto in protocols if getattr(proto, "is_connected", lambda: True)())
+        return pooled + self._log_streams
 
     async def _json(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
         try:
@@ -211,8 +218,10 @@ class Engine:
     ) -> AsyncIterator[bytes]:
         """The raw body of ``/containers/{id}/logs`` with timestamps, in reads of up to 64 KiB.
 
-        ``read(n)`` joins whatever HTTP chunks are already buffered, so one read carries many
-        log frames rather than one.
+        On a ``unix://`` or plain ``tcp://`` host the response is read off a socket of its own
+        by :mod:`forwarder.docker.httpstream`, which decodes a whole read's HTTP chunks (the
+        engine sends one per log frame) in one call; aiohttp spends about 10 µs a chunk.
+        Other hosts (TLS) go through aiohttp, whose ``read(n)`` also joins buffered chunks.
         """
         params: dict[str, Any] = {
             "follow": int(follow),
@@ -224,6 +233,46 @@ class Engine:
             params["since"] = since
         if until is not None:
             params["until"] = until
+        tls_verify = os.environ.get("DOCKER_TLS_VERIFY", "0") == "1"  # as _unpooled() decides
+        endpoint = httpstream.plain_endpoint(self.host, tls_verify=tls_verify)
+        reads = (
+            self._log_bytes_aiohttp(cid, params)
+            if endpoint is None
+            else self._log_bytes_direct(endpoint, cid, params)
+        )
+        async with contextlib.aclosing(reads):
+            async for data in reads:
+                yield data
+
+    async def _log_bytes_direct(
+        self, endpoint: httpstream.Endpoint, cid: str, params: Mapping[str, Any]
+    ) -> AsyncGenerator[bytes, None]:
+        # The API version aiodocker negotiated (it asks /version at its first request);
+        # unversioned, the engine serves its own newest version, the one it would negotiate.
+        version = self.docker.api_version
+        prefix = f"/{version}" if version != "auto" else ""
+        target = f"{prefix}/containers/{quote(cid, safe='')}/logs?{urlencode(params)}"
+        self._log_streams += 1
+        try:
+            async with httpstream.open_response(
+                endpoint, target, connect_timeout_s=CONNECT_TIMEOUT_S
+            ) as response:
+                if not response.head.ok:
+                    body = await response.read_body(ERROR_BODY_BYTES)
+                    error = aiodocker.DockerError(response.status, _error_message(body))
+                    # The same translation as aiodocker's errors on the other path.
+                    raise _translate(error, f"GET /containers/{cid}/logs") from error
+                async with contextlib.aclosing(response.iter_body()) as reads:
+                    async for data in reads:
+                        yield data
+        except httpstream.HttpError as exc:
+            raise EngineUnavailableError(f"GET /containers/{cid[:12]}/logs: {exc}") from exc
+        finally:
+            self._log_streams -= 1
+
+    async def _log_bytes_aiohttp(
+        self, cid: str, params: Mapping[str, Any]
+    ) -> AsyncGenerator[bytes, None]:
         async with self._stream(f"containers/{cid}/logs", params) as response:
             content = response.content
             try:
@@ -288,6 +337,18 @@ class JsonStreamDecoder:
             if isinstance(obj, dict):
                 out.append(obj)
         return out
+
+
+def _error_message(body: bytes) -> str:
+    """An engine error body's message: ``{"message": "..."}``, else the text itself."""
+    text = body.decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text.strip()
+    if isinstance(data, dict) and isinstance(data.get("message"), str):
+        return str(data["message"])
+    return text.strip()
 
 
 async def _json_objects(response: Any, what: str) -> AsyncIterator[dict[str, Any]]:
