@@ -26,7 +26,7 @@ from forwarder.docker.frames import LogLine
 from forwarder.docker.lifecycle import event_container, lifecycle_record
 from forwarder.docker.stats_poller import StatsPoller
 from forwarder.events import ContainerId, ContainerInfo, Position
-from forwarder.forward.client import ForwardOutput
+from forwarder.forward.client import ForwardOutput, handshake_factory
 from forwarder.forward.protocol import (
     Chunk,
     Chunker,
@@ -259,7 +259,7 @@ class Pipeline:
                 delivered=self._delivered,
                 stalled=self.buffer.stall,
                 ssl_context=_ssl_context(config),
-                handshake_factory=_handshake_factory(config),
+                handshake_factory=handshake_factory(config.output),
             )
         self.chunks_delivered = 0
         self.lines_delivered = 0
@@ -414,19 +414,3 @@ def _ssl_context(config: Config) -> Any:
     from forwarder.forward.tls import client_context
 
     return client_context(config.output.tls)
-
-
-def _handshake_factory(config: Config) -> Any:
-    out = config.output
-    shared_key = out.secret_shared_key()
-    if shared_key is None:
-        return None
-    from forwarder.forward.handshake import ClientHandshake, Credentials
-
-    credentials = Credentials(
-        self_hostname=out.self_hostname,
-        shared_key=shared_key,
-        username=out.username or "",
-        password=out.secret_password() or "",
-    )
-    return lambda: ClientHandshake(credentials)

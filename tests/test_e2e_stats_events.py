@@ -14,31 +14,19 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlencode
 
 import pytest
 
-from forwarder.events import LifecycleEvent, StatsEvent
+from forwarder.events import LifecycleAction, LifecycleEvent, StatsEvent
 from tests.harness.collector import CollectorProcess
 from tests.harness.engine import Engine
 from tests.harness.polling import wait_until
 from tests.harness.receivers import ForwardReceiver, ReceivedRecord
 
 MakeCollector = Callable[..., CollectorProcess]
-SHIPPED = {
-    "create",
-    "start",
-    "die",
-    "kill",
-    "oom",
-    "stop",
-    "restart",
-    "pause",
-    "unpause",
-    "destroy",
-    "health_status",
-}
+SHIPPED = set(get_args(LifecycleAction))
 
 
 COLLECTOR_DEFAULTS: dict[str, dict[str, Any]] = {"stats": {"interval": "1s"}}

@@ -13,7 +13,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -59,17 +59,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 
 
 @pytest.fixture
-def receivers() -> Iterator[Callable[..., ForwardReceiver]]:
-    made: list[ForwardReceiver] = []
-
-    def make(**knobs: Any) -> ForwardReceiver:
-        receiver = ForwardReceiver(**knobs).start()
-        made.append(receiver)
-        return receiver
-
-    yield make
-    for receiver in made:
-        receiver.stop()
+def receivers(
+    make_forward_receiver: Callable[..., ForwardReceiver],
+) -> Callable[..., ForwardReceiver]:
+    """Started ForwardReceivers, stopped after the test (the conftest fixture)."""
+    return make_forward_receiver
 
 
 def output_config(servers: list[Any], **output: Any) -> OutputConfig:
