@@ -220,8 +220,9 @@ class Engine:
 
         On a ``unix://`` or plain ``tcp://`` host the response is read off a socket of its own
         by :mod:`forwarder.docker.httpstream`, which decodes a whole read's HTTP chunks (the
-        engine sends one per log frame) in one call; aiohttp spends about 10 µs a chunk.
-        Other hosts (TLS) go through aiohttp, whose ``read(n)`` also joins buffered chunks.
+        engine sends one per log frame) in one call, where aiohttp makes several Python calls
+        a chunk. Other hosts (TLS) go through aiohttp, whose ``read(n)`` also joins buffered
+        chunks. Errors are the same on both paths.
         """
         params: dict[str, Any] = {
             "follow": int(follow),

@@ -1,9 +1,11 @@
 """An HTTP/1.1 response read straight off a socket: a sans-I/O reader and a thin async shell.
 
 Why: the engine writes every log frame of ``/containers/{id}/logs`` as its own HTTP chunk
-(``Transfer-Encoding: chunked``, one flush per frame). aiohttp handles each chunk in Python,
-several calls deep, which cost about 10 µs a line; :class:`ResponseReader` decodes a whole
-64 KiB read in one loop of ``re.match`` and slicing, and returns its body as one ``bytes``.
+(``Transfer-Encoding: chunked``, one flush per frame). aiohttp hands each chunk through
+several Python calls (``feed_data``, ``end_http_chunk_receiving``, ``resume_reading``...);
+:class:`ResponseReader` decodes a whole 64 KiB read in one loop of ``re.match`` and slicing
+and returns its body as one ``bytes``. Reading a replayed 300,000-frame response on uvloop:
+1.16 µs a line through aiohttp, 0.57 through this module.
 
 - :class:`ResponseReader` (sans-I/O, h11-style): bytes in, body bytes out, the status line
   and headers on :attr:`ResponseReader.head`. Body framing as RFC 9112 §6.3 says for a
