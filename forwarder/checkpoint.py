@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from forwarder.events import ContainerId, Position
+from forwarder.fsutil import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,4 @@ class PositionStore:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory(self.dir)

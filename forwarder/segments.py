@@ -80,6 +80,7 @@ import msgpack
 
 from forwarder.events import ContainerId, Position
 from forwarder.forward.protocol import ChunkId
+from forwarder.fsutil import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -657,11 +658,7 @@ class SegmentStore:
         self._current = None
 
     def _fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(self.directory)
 
     # --- releases ---------------------------------------------------------------------------
 
