@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple, TypedDict
+from typing import Any, NamedTuple, TypedDict, TypeVar
 
 import msgpack
 
@@ -523,9 +523,11 @@ def _deadline_wait(cond: threading.Condition, ready: Callable[[], bool], timeout
 
 
 RecordsPredicate = Callable[[list[ReceivedRecord]], bool]
+R = TypeVar("R")
 
 
-def _records_predicate(what: int | RecordsPredicate) -> RecordsPredicate:
+def _records_predicate(what: int | Callable[[list[R]], bool]) -> Callable[[list[R]], bool]:
+    """An int is a minimum record count; a callable is used as it is."""
     if isinstance(what, int):
         count = what
         return lambda records: len(records) >= count
@@ -967,12 +969,7 @@ class NodeReceiver:
         self, what: int | Callable[[list[dict[str, Any]]], bool], timeout: float = 10.0
     ) -> list[dict[str, Any]]:
         """Like :meth:`ForwardReceiver.wait_for`, on this receiver's records."""
-        predicate: Callable[[list[dict[str, Any]]], bool]
-        if isinstance(what, int):
-            count = what
-            predicate = lambda records: len(records) >= count  # noqa: E731
-        else:
-            predicate = what
+        predicate = _records_predicate(what)
         with self._cond:
             if _deadline_wait(self._cond, lambda: predicate(self.records), timeout):
                 return list(self.records)
