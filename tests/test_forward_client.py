@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from forwarder.backoff import backoff_delays
 from forwarder.config import OutputConfig, ServerConfig, config_from_dict
 from forwarder.forward.client import (
     AckTimeoutError,
@@ -28,7 +29,6 @@ from forwarder.forward.client import (
     ServerState,
     SmoothWeightedRoundRobin,
     TLSHandshakeError,
-    backoff_delays,
     select_server,
 )
 from forwarder.forward.protocol import Chunk, ChunkId

@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, Se
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
+from forwarder.backoff import backoff_delays
 from forwarder.config import Endpoint, OutputConfig, ServerConfig
 from forwarder.forward import tls
 from forwarder.forward.handshake import (
@@ -129,23 +130,6 @@ class AckTimeoutError(DeliveryError):
 
 class ServerProtocolError(DeliveryError):
     """The server sent something that isn't the Forward protocol."""
-
-
-# --- backoff ------------------------------------------------------------------------------
-
-
-def backoff_delays(
-    first_s: float, max_s: float, *, rng: random.Random | None = None
-) -> Iterator[float]:
-    """Exponential backoff with jitter on the upper half: first, 2*first, ... max.
-
-    Each delay is drawn from [d/2, d], so that many collectors restarted together don't
-    reconnect in step, while the wait still grows."""
-    rand = rng or random.Random()
-    delay = first_s
-    while True:
-        yield rand.uniform(delay / 2, delay)
-        delay = min(delay * 2, max_s)
 
 
 # --- server health (pure) -----------------------------------------------------------------
