@@ -22,10 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from forwarder.chunks import Chunk, Chunker  # noqa: E402
 from forwarder.config import config_from_dict  # noqa: E402
 from forwarder.docker.frames import LogLine  # noqa: E402
 from forwarder.forward import client  # noqa: E402
-from forwarder.forward.protocol import Chunk, Chunker, encode_log_entries  # noqa: E402
+from forwarder.forward.protocol import encode_log_entries  # noqa: E402
 
 
 def make_chunks(count: int) -> list[Chunk]:

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from forwarder.buffer import ChunkBuffer, open_store
 from forwarder.checkpoint import PositionStore, PositionTracker
+from forwarder.chunks import Chunk, Chunker
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.docker.engine import Engine
@@ -28,8 +29,6 @@ from forwarder.docker.stats_poller import StatsPoller
 from forwarder.events import ContainerId, ContainerInfo, Position
 from forwarder.forward.client import ForwardOutput, handshake_factory
 from forwarder.forward.protocol import (
-    Chunk,
-    Chunker,
     decode_entries,
     encode_entries,
     encode_log_entries,

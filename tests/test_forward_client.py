@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from forwarder.backoff import backoff_delays
+from forwarder.chunks import Chunk, ChunkId
 from forwarder.config import OutputConfig, ServerConfig, config_from_dict
 from forwarder.forward.client import (
     AckTimeoutError,
@@ -31,7 +32,6 @@ from forwarder.forward.client import (
     TLSHandshakeError,
     select_server,
 )
-from forwarder.forward.protocol import Chunk, ChunkId
 
 # --- backoff ------------------------------------------------------------------------------
 

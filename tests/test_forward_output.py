@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 import uvloop
 
+from forwarder.chunks import Chunk, new_chunk_id
 from forwarder.config import OutputConfig, config_from_dict
 from forwarder.forward.client import ForwardOutput, handshake_factory
-from forwarder.forward.protocol import Chunk, encode_entries, encode_message, new_chunk_id
+from forwarder.forward.protocol import encode_entries, encode_message
 from tests.harness.certs import PKI, make_pki, openssl_available
 from tests.harness.receivers import ForwardReceiver, server_tls_context
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from forwarder.backoff import backoff_delays
+from forwarder.chunks import Chunk, ChunkId
 from forwarder.config import Endpoint, OutputConfig, ServerConfig
 from forwarder.forward import tls
 from forwarder.forward.handshake import (
@@ -56,8 +57,6 @@ from forwarder.forward.handshake import (
 )
 from forwarder.forward.protocol import (
     Acked,
-    Chunk,
-    ChunkId,
     ClientConnection,
     ConnState,
     HandshakeRequiredError,
@@ -347,7 +346,7 @@ class _Stream(asyncio.Protocol):
         while (event := self.poll()) is not None:
             if isinstance(event, Acked):  # ClientConnection checked it is one we await
                 self.acks += 1
-                future = self._acks.pop(event.chunk_id)
+                future = self._acks.pop(ChunkId(event.chunk_id))
                 if not future.done():
                     future.set_result(None)
 

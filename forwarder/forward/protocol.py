@@ -15,21 +15,16 @@ client in :mod:`forwarder.forward.client` moves the bytes.
 
 from __future__ import annotations
 
-import base64
 import enum
 import gzip
-import os
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NewType
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import msgpack
 
-from forwarder.docker.frames import LogLine
-from forwarder.events import ContainerId, EventTime, Position
-
-ChunkId = NewType("ChunkId", str)
+from forwarder.events import EventTime
 
 EVENT_TIME_EXT = 0
 _EVENT_TIME = struct.Struct(">II")
@@ -67,11 +62,6 @@ def decode_event_time(ext: msgpack.ExtType) -> EventTime:
     return EventTime(*_EVENT_TIME.unpack(ext.data))
 
 
-def new_chunk_id() -> ChunkId:
-    """A unique chunk id: 16 random bytes in base64, as Fluentd's out_forward makes them."""
-    return ChunkId(base64.b64encode(os.urandom(16)).decode("ascii"))
-
-
 def _strip_array_header(packed: bytes, count: int) -> bytes:
     # msgpack array headers: fixarray (1 byte) below 16, array16 (3) below 2**16, else array32.
     if count < 16:
@@ -90,10 +80,32 @@ def encode_entries(entries: Sequence[tuple[int, dict[str, Any]]]) -> bytes:
     return _strip_array_header(packed, len(entries))
 
 
+class LogLineLike(Protocol):
+    """What :func:`encode_log_entries` reads of a line (a source's ``LogLine`` has it)."""
+
+    @property
+    def source(self) -> str: ...
+    @property
+    def ts_ns(self) -> int: ...
+    @property
+    def text(self) -> str: ...
+
+
+class SendableChunk(Protocol):
+    """What :meth:`ClientConnection.send_chunk` reads of a chunk."""
+
+    @property
+    def chunk_id(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+
+
 _ENTRY_HEAD = b"\x92\xd7\x00"  # [time, record]: a 2-array, then fixext 8 of type 0 (EventTime)
 
 
-def encode_log_entries(container_id: str, container_name: str, lines: Sequence[LogLine]) -> bytes:
+def encode_log_entries(
+    container_id: str, container_name: str, lines: Sequence[LogLineLike]
+) -> bytes:
     """Concatenated log entries with exactly the keys Docker's fluentd driver sends, in
     :class:`~forwarder.events.LogEvent`'s order.
 
@@ -136,7 +148,7 @@ def encode_message(
     entries: bytes,
     count: int,
     *,
-    chunk_id: ChunkId | None,
+    chunk_id: str | None,
     compress: bool = False,
 ) -> bytes:
     """A PackedForward (or CompressedPackedForward) message."""
@@ -148,109 +160,6 @@ def encode_message(
         options["chunk"] = chunk_id
     packed: bytes = _PACKER.pack([tag, entries, options])
     return packed
-
-
-@dataclass(slots=True)
-class Chunk:
-    """A sealed chunk: its id and bytes never change, so a resend is identical."""
-
-    seq: int
-    chunk_id: ChunkId
-    tag: str
-    payload: bytes
-    count: int
-    positions: dict[ContainerId, Position] = field(default_factory=dict)
-    stored: bool = False  # written to the disk buffer: durable, and released when delivered
-
-    @property
-    def size(self) -> int:
-        return len(self.payload)
-
-
-class Chunker:
-    """Groups entries by tag into chunks, sealed by size or age. Sans-I/O: the caller passes
-    the clock reading (``now``, seconds, monotonic) and decides when to ask for due chunks."""
-
-    def __init__(
-        self,
-        *,
-        chunk_limit: int,
-        flush_interval_s: float,
-        require_ack: bool,
-        compress: bool,
-    ) -> None:
-        if chunk_limit <= 0:
-            raise LocalProtocolError("chunk_limit must be positive")
-        self._limit = chunk_limit
-        self._interval = flush_interval_s
-        self._require_ack = require_ack
-        self._compress = compress
-        self._open: dict[str, _OpenChunk] = {}
-        self._seq = 0
-
-    def add(
-        self,
-        tag: str,
-        entries: bytes,
-        count: int,
-        now: float,
-        position: tuple[ContainerId, Position] | None = None,
-    ) -> list[Chunk]:
-        """Add encoded entries; returns the chunks this sealed (when the limit was reached)."""
-        sealed: list[Chunk] = []
-        current = self._open.get(tag)
-        if current is not None and current.size + len(entries) > self._limit:
-            sealed.append(self._seal(tag))
-            current = None
-        if current is None:
-            current = self._open[tag] = _OpenChunk(opened_at=now)
-        current.parts.append(entries)
-        current.size += len(entries)
-        current.count += count
-        if position is not None:
-            current.positions[position[0]] = position[1]
-        if current.size >= self._limit:
-            sealed.append(self._seal(tag))
-        return sealed
-
-    def due(self, now: float) -> list[Chunk]:
-        """Chunks whose oldest entry has waited ``flush_interval``."""
-        tags = [t for t, c in self._open.items() if now - c.opened_at >= self._interval]
-        return [self._seal(tag) for tag in tags]
-
-    def flush_all(self) -> list[Chunk]:
-        return [self._seal(tag) for tag in list(self._open)]
-
-    def next_deadline(self) -> float | None:
-        if not self._open:
-            return None
-        return min(c.opened_at for c in self._open.values()) + self._interval
-
-    @property
-    def pending_bytes(self) -> int:
-        return sum(c.size for c in self._open.values())
-
-    def _seal(self, tag: str) -> Chunk:
-        current = self._open.pop(tag)
-        self._seq += 1
-        chunk_id = new_chunk_id()
-        payload = encode_message(
-            tag,
-            b"".join(current.parts),
-            current.count,
-            chunk_id=chunk_id if self._require_ack else None,
-            compress=self._compress,
-        )
-        return Chunk(self._seq, chunk_id, tag, payload, current.count, current.positions)
-
-
-@dataclass(slots=True)
-class _OpenChunk:
-    opened_at: float
-    parts: list[bytes] = field(default_factory=list)
-    size: int = 0
-    count: int = 0
-    positions: dict[ContainerId, Position] = field(default_factory=dict)
 
 
 # --- the client side of a connection ------------------------------------------------------
@@ -276,7 +185,7 @@ class Pong:
 
 @dataclass(frozen=True, slots=True)
 class Acked:
-    chunk_id: ChunkId
+    chunk_id: str
 
 
 ServerEvent = Helo | Pong | Acked
@@ -305,7 +214,7 @@ class ClientConnection:
         self._unpacker = msgpack.Unpacker(
             raw=False, unicode_errors="surrogateescape", max_buffer_size=MAX_REPLY_BYTES
         )
-        self._awaiting: dict[ChunkId, None] = {}  # insertion-ordered: oldest first
+        self._awaiting: dict[str, None] = {}  # insertion-ordered: oldest first
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.state.value}>"
@@ -355,7 +264,7 @@ class ClientConnection:
                 del self._awaiting[ack]
                 if not self._awaiting:
                     self.state = ConnState.READY
-                return Acked(ChunkId(ack))
+                return Acked(ack)
             raise RemoteProtocolError(f"expected an ack, got {_shorten(obj)}")
         raise RemoteProtocolError(f"unexpected message from the server: {_shorten(obj)}")
 
@@ -370,7 +279,7 @@ class ClientConnection:
         """Chunks sent whose ack has not come yet."""
         return len(self._awaiting)
 
-    def send_chunk(self, chunk: Chunk, *, expect_ack: bool) -> bytes:
+    def send_chunk(self, chunk: SendableChunk, *, expect_ack: bool) -> bytes:
         if self.state not in (ConnState.READY, ConnState.AWAITING_ACK):
             raise LocalProtocolError(f"send_chunk in state {self.state.value}")
         if expect_ack:
