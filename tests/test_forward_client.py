@@ -16,22 +16,23 @@ import pytest
 from forwarder.backoff import backoff_delays
 from forwarder.chunks import Chunk, ChunkId
 from forwarder.config import OutputConfig, ServerConfig, config_from_dict
-from forwarder.forward.client import (
+from forwarder.forward.balance import (
+    ServerHealth,
+    ServerState,
+    SmoothWeightedRoundRobin,
+    select_server,
+)
+from forwarder.forward.connection import ForwardConnection
+from forwarder.forward.errors import (
     AckTimeoutError,
     AuthError,
     ConnectError,
     ConnectionLostError,
     DeliveryError,
     FailureKind,
-    ForwardConnection,
-    ForwardOutput,
-    Server,
-    ServerHealth,
-    ServerState,
-    SmoothWeightedRoundRobin,
     TLSHandshakeError,
-    select_server,
 )
+from forwarder.forward.output import ForwardOutput, Server
 
 # --- backoff ------------------------------------------------------------------------------
 
@@ -374,19 +375,19 @@ class Rig:
         self.stalled: list[int] = []
         self.probes = 0
         self.probe_ok = False
+        self.conns = [ScriptedConnection(script, window) for script in scripts]
+        unused = iter(self.conns)  # one per server, in the order of cfg.servers
         self.output = ForwardOutput(
             cfg,
             get_chunk=self._get,
             delivered=self._delivered,
             stalled=self._stalled,
+            connect=lambda server: next(unused),
+            probe=self._probe,
             clock=self.time.clock,
             sleep=self.time.sleep,
             rng=random.Random(1),
         )
-        self.conns = [ScriptedConnection(script, window) for script in scripts]
-        for server, conn in zip(self.output.servers, self.conns, strict=True):
-            server.connection = conn  # type: ignore[assignment]
-        self.output._probe = self._probe  # type: ignore[method-assign]
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Rig:
@@ -418,7 +419,7 @@ class Rig:
         self.available.set()
         self.time.advance(self.output.cfg.retry_max_wait.total_seconds())
 
-    async def _probe(self, endpoint: object) -> bool:
+    async def _probe(self, endpoint: object, timeout_s: float) -> bool:
         self.probes += 1
         return self.probe_ok
 
@@ -694,7 +695,7 @@ def test_a_helo_on_a_connection_without_handshake_names_the_missing_shared_key(
 
     from forwarder.forward.protocol import ClientConnection, HandshakeRequiredError
 
-    conn = ClientConnection(handshake=False)
+    conn = ClientConnection()
     if awaiting_ack:
         conn.send_chunk(chunk(1), expect_ack=True)
     conn.receive_data(msgpack.packb(["HELO", {"nonce": b"n", "auth": "", "keepalive": True}]))
