@@ -22,10 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from forwarder.chunks import Chunk, Chunker  # noqa: E402
 from forwarder.config import config_from_dict  # noqa: E402
 from forwarder.docker.frames import LogLine  # noqa: E402
-from forwarder.forward import client  # noqa: E402
-from forwarder.forward.protocol import Chunk, Chunker, encode_log_entries  # noqa: E402
+from forwarder.forward import connection  # noqa: E402
+from forwarder.forward.output import ForwardOutput  # noqa: E402
+from forwarder.forward.protocol import encode_log_entries  # noqa: E402
 
 
 def make_chunks(count: int) -> list[Chunk]:
@@ -59,7 +61,7 @@ async def ship(port: int, chunks: list[Chunk]) -> float:
     async def on_stalled(chunk: Chunk) -> None:
         raise SystemExit("the receiver went away")
 
-    output = client.ForwardOutput(cfg, get_chunk=get, delivered=on_delivered, stalled=on_stalled)
+    output = ForwardOutput(cfg, get_chunk=get, delivered=on_delivered, stalled=on_stalled)
     started = time.perf_counter()
     task = asyncio.create_task(output.run())
     await done.wait()
@@ -96,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--chunks", type=int, default=150)
     parser.add_argument("--rtt-ms", type=float, nargs="+", default=[0, 2, 10, 50])
-    parser.add_argument("--windows", type=int, nargs="+", default=[1, client.CHUNKS_IN_FLIGHT])
+    parser.add_argument("--windows", type=int, nargs="+", default=[1, connection.CHUNKS_IN_FLIGHT])
     parser.add_argument("--proxy", type=float, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.proxy:
@@ -130,7 +132,7 @@ def main() -> None:
                 target = int(link.stdout.readline())
             try:
                 for window in args.windows:
-                    client.CHUNKS_IN_FLIGHT = window
+                    connection.CHUNKS_IN_FLIGHT = window
                     elapsed = asyncio.run(ship(target, chunks))
                     print(
                         f"rtt {rtt_ms:4g} ms, {window} in flight: {megabytes / elapsed:7.0f} MB/s "

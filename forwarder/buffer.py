@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from forwarder.forward.protocol import Chunk
+from forwarder.chunks import Chunk
 from forwarder.segments import (
     BufferFullError,
     ChunkMeta,

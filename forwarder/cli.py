@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config)
-        from forwarder.forward.client import check_output
+        from forwarder.forward.setup import check_output
 
         check_output(config.output)  # secret and TLS files, read now so a bad one is named
     except ConfigError as exc:

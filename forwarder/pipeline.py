@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from forwarder.buffer import ChunkBuffer, open_store
 from forwarder.checkpoint import PositionStore, PositionTracker
+from forwarder.chunks import Chunk, Chunker
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.docker.engine import Engine
@@ -26,14 +27,13 @@ from forwarder.docker.frames import LogLine
 from forwarder.docker.lifecycle import event_container, lifecycle_record
 from forwarder.docker.stats_poller import StatsPoller
 from forwarder.events import ContainerId, ContainerInfo, Position
-from forwarder.forward.client import ForwardOutput, handshake_factory
+from forwarder.forward.output import ForwardOutput
 from forwarder.forward.protocol import (
-    Chunk,
-    Chunker,
     decode_entries,
     encode_entries,
     encode_log_entries,
 )
+from forwarder.forward.setup import handshake_factory
 from forwarder.tags import compile_template
 
 log = logging.getLogger(__name__)

@@ -78,8 +78,8 @@ from typing import Final
 
 import msgpack
 
+from forwarder.chunks import ChunkId
 from forwarder.events import ContainerId, Position
-from forwarder.forward.protocol import ChunkId
 from forwarder.fsutil import fsync_directory
 
 log = logging.getLogger(__name__)

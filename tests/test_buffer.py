@@ -10,8 +10,8 @@ from typing import TypeVar
 import pytest
 
 from forwarder.buffer import ChunkBuffer, open_store
+from forwarder.chunks import Chunk, new_chunk_id
 from forwarder.events import ContainerId, Position
-from forwarder.forward.protocol import Chunk, new_chunk_id
 from forwarder.segments import SegmentStore
 
 T = TypeVar("T")

@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 import uvloop
 
+from forwarder.chunks import Chunk, new_chunk_id
 from forwarder.config import OutputConfig, config_from_dict
-from forwarder.forward.client import ForwardOutput, handshake_factory
-from forwarder.forward.protocol import Chunk, encode_entries, encode_message, new_chunk_id
+from forwarder.forward.output import ForwardOutput
+from forwarder.forward.protocol import encode_entries, encode_message
+from forwarder.forward.setup import handshake_factory
 from tests.harness.certs import PKI, make_pki, openssl_available
 from tests.harness.receivers import ForwardReceiver, server_tls_context
 
@@ -716,3 +718,35 @@ def test_pipelined_chunks_reach_fluent_server_in_order_over_one_handshake(
     records = node.wait_for(300)
     assert [r["record"]["n"] for r in records] == list(range(300))
     assert node.auth_failures == []
+
+
+def test_a_connection_shows_its_state_and_its_chunks_awaiting_acks(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    from forwarder.config import parse_server_url
+    from forwarder.forward.connection import ForwardConnection
+
+    async def main() -> None:
+        received = asyncio.Event()
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while await reader.read(65536):
+                received.set()  # reads every chunk and never acks one
+            writer.close()
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        endpoint = parse_server_url(f"tcp://127.0.0.1:{port}")
+        conn = ForwardConnection(endpoint, connect_timeout_s=5, ack_timeout_s=5)
+        assert repr(conn) == f"<ForwardConnection tcp://127.0.0.1:{port} CLOSED chunks=0>"
+        chunks = [make_chunk(i) for i in range(4)]
+        for c in chunks:
+            await conn.send(c, expect_ack=True)
+        await received.wait()
+        assert repr(conn) == f"<ForwardConnection tcp://127.0.0.1:{port} AWAITING_ACK chunks=4>"
+        await conn.aclose()
+        assert repr(conn) == f"<ForwardConnection tcp://127.0.0.1:{port} CLOSED chunks=0>"
+        server.close()
+        await server.wait_closed()
+
+    run(main())

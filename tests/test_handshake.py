@@ -571,3 +571,12 @@ def test_round_trip_through_the_server_helpers(
         with pytest.raises(AuthRefusedError) as info:
             hs.receive_pong(pong)
         assert info.value.reason == expected
+
+
+def test_check_ping_refuses_a_client_with_the_servers_own_hostname() -> None:
+    ping = _ping(Credentials(SERVER, SHARED_KEY))
+    result = check_ping(ping, NONCE, b"", SHARED_KEY, {}, server_hostname=SERVER)
+    assert result == PingCheck(
+        False, "same hostname between input and output: invalid configuration", SALT, SERVER
+    )
+    assert check_ping(ping, NONCE, b"", SHARED_KEY, {}).ok  # no server_hostname: not checked

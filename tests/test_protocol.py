@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
-import base64
 import gzip
 
 import msgpack
 import pytest
 
+from forwarder.chunks import Chunk, ChunkId, new_chunk_id
 from forwarder.docker.frames import LogLine
-from forwarder.events import ContainerId, EventTime, LogEvent, Position
+from forwarder.events import EventTime, LogEvent
+from forwarder.forward.handshake import (
+    AuthRefusedError,
+    ClientHandshake,
+    Credentials,
+    HandshakeProtocolError,
+    check_ping,
+    make_helo,
+    make_pong,
+)
 from forwarder.forward.protocol import (
     Acked,
-    Chunk,
-    Chunker,
-    ChunkId,
     ClientConnection,
     ConnState,
     Helo,
     LocalProtocolError,
+    Pong,
     RemoteProtocolError,
     decode_entries,
     encode_entries,
     encode_log_entries,
     encode_message,
     event_time,
-    new_chunk_id,
 )
 
 CID = "0123456789abcdef" * 4
@@ -119,63 +125,6 @@ def test_gzip_message_is_compressed_packed_forward() -> None:
     assert gzip.decompress(body) == entries
 
 
-def test_chunk_ids_are_unique_base64() -> None:
-    ids = {new_chunk_id() for _ in range(1000)}
-    assert len(ids) == 1000
-    for chunk_id in list(ids)[:10]:
-        assert len(base64.b64decode(chunk_id, validate=True)) == 16
-
-
-# --- chunker ------------------------------------------------------------------------------
-
-
-def make_chunker(limit: int = 1000, interval: float = 1.0) -> Chunker:
-    return Chunker(chunk_limit=limit, flush_interval_s=interval, require_ack=True, compress=False)
-
-
-def test_chunker_groups_by_tag_and_seals_on_age() -> None:
-    chunker = make_chunker()
-    assert chunker.add("a", b"\x01", 1, now=0.0) == []
-    assert chunker.add("b", b"\x02", 1, now=0.5) == []
-    assert chunker.add("a", b"\x03", 1, now=0.6) == []
-    assert chunker.next_deadline() == 1.0
-    assert chunker.due(0.99) == []
-    (sealed,) = chunker.due(1.0)
-    assert sealed.tag == "a" and sealed.count == 2
-    assert msgpack.unpackb(sealed.payload, raw=False)[1] == b"\x01\x03"
-    assert chunker.next_deadline() == 1.5
-    (rest,) = chunker.flush_all()
-    assert rest.tag == "b" and rest.seq > sealed.seq
-
-
-def test_chunker_seals_before_exceeding_the_limit() -> None:
-    chunker = make_chunker(limit=100)
-    assert chunker.add("t", b"x" * 60, 1, now=0) == []
-    (first,) = chunker.add("t", b"y" * 60, 1, now=0)  # 120 > 100: the first 60 go alone
-    assert msgpack.unpackb(first.payload, raw=False)[1] == b"x" * 60
-    (second,) = chunker.add("t", b"z" * 40, 1, now=0)  # reaches 100 exactly: sealed at once
-    assert msgpack.unpackb(second.payload, raw=False)[1] == b"y" * 60 + b"z" * 40
-    assert chunker.flush_all() == []
-
-
-def test_chunker_keeps_the_highest_position_per_container() -> None:
-    chunker = make_chunker()
-    a, b = ContainerId("a" * 64), ContainerId("b" * 64)
-    chunker.add("t", b"1", 1, 0, (a, Position(10, 1)))
-    chunker.add("t", b"2", 1, 0, (b, Position(5, 1)))
-    chunker.add("t", b"3", 1, 0, (a, Position(12, 2)))
-    (chunk,) = chunker.flush_all()
-    assert chunk.positions == {a: Position(12, 2), b: Position(5, 1)}
-
-
-def test_a_sealed_chunk_never_changes() -> None:
-    chunker = make_chunker()
-    chunker.add("t", b"1", 1, 0)
-    (chunk,) = chunker.flush_all()
-    options = msgpack.unpackb(chunk.payload, raw=False)[2]
-    assert options["chunk"] == chunk.chunk_id
-
-
 # --- connection state machine -------------------------------------------------------------
 
 
@@ -185,7 +134,7 @@ def chunk(chunk_id: str = "id-1") -> Chunk:
 
 
 def test_ack_round_trip_fed_byte_by_byte() -> None:
-    conn = ClientConnection(handshake=False)
+    conn = ClientConnection()
     assert conn.state is ConnState.READY
     assert conn.send_chunk(chunk(), expect_ack=True) == chunk().payload
     assert conn.state is ConnState.AWAITING_ACK
@@ -199,14 +148,14 @@ def test_ack_round_trip_fed_byte_by_byte() -> None:
 
 
 def test_ack_as_bin_is_accepted() -> None:
-    conn = ClientConnection(handshake=False)
+    conn = ClientConnection()
     conn.send_chunk(chunk(), expect_ack=True)
     conn.receive_data(msgpack.packb({"ack": b"id-1"}, use_bin_type=True))
     assert conn.next_event() == Acked(ChunkId("id-1"))
 
 
 def test_ack_for_an_unknown_chunk_is_the_servers_fault() -> None:
-    conn = ClientConnection(handshake=False)
+    conn = ClientConnection()
     conn.send_chunk(chunk(), expect_ack=True)
     conn.receive_data(msgpack.packb({"ack": "id-2"}))
     with pytest.raises(RemoteProtocolError, match="unknown chunk"):
@@ -218,7 +167,7 @@ def test_ack_for_an_unknown_chunk_is_the_servers_fault() -> None:
     [b"\xc1", msgpack.packb("hello"), msgpack.packb([1, 2, 3]), b"\x92\xc1\xc1"],
 )
 def test_garbage_from_the_server_is_a_remote_error(garbage: bytes) -> None:
-    conn = ClientConnection(handshake=False)
+    conn = ClientConnection()
     conn.send_chunk(chunk(), expect_ack=True)
     conn.receive_data(garbage)
     with pytest.raises(RemoteProtocolError):
@@ -226,7 +175,7 @@ def test_garbage_from_the_server_is_a_remote_error(garbage: bytes) -> None:
 
 
 def test_an_endless_reply_is_capped() -> None:
-    conn = ClientConnection(handshake=False)
+    conn = ClientConnection()
     conn.send_chunk(chunk(), expect_ack=True)
     with pytest.raises(RemoteProtocolError, match="without a complete message"):
         for _ in range(20):
@@ -234,7 +183,7 @@ def test_an_endless_reply_is_capped() -> None:
 
 
 def test_pipelined_chunks_await_their_acks_together() -> None:
-    conn = ClientConnection(handshake=False)
+    conn = ClientConnection()
     conn.send_chunk(chunk(), expect_ack=True)
     conn.send_chunk(chunk("id-2"), expect_ack=True)
     assert conn.awaiting_acks == 2
@@ -247,27 +196,83 @@ def test_pipelined_chunks_await_their_acks_together() -> None:
 
 
 def test_sending_a_chunk_that_already_awaits_its_ack_is_our_bug() -> None:
-    conn = ClientConnection(handshake=False)
+    conn = ClientConnection()
     conn.send_chunk(chunk(), expect_ack=True)
     with pytest.raises(LocalProtocolError):
         conn.send_chunk(chunk(), expect_ack=True)
 
 
-def test_handshake_states() -> None:
-    conn = ClientConnection(handshake=True)
+NONCE = b"nonce-0123456789"
+SHARED_KEY = "k3y"
+
+
+def handshaking() -> ClientConnection[None]:
+    return ClientConnection(ClientHandshake(Credentials("client", SHARED_KEY)))
+
+
+def test_the_connection_owns_the_handshake_from_helo_to_ready() -> None:
+    conn = handshaking()
     assert conn.state is ConnState.AWAITING_HELO
+    assert conn.data_to_send() == b""
     with pytest.raises(LocalProtocolError):
         conn.send_chunk(chunk(), expect_ack=True)
-    conn.receive_data(msgpack.packb(["HELO", {"nonce": b"n", "auth": b"", "keepalive": True}]))
-    event = conn.next_event()
-    assert isinstance(event, Helo)
+    conn.receive_data(make_helo(NONCE, b"", keepalive=True))
+    assert isinstance(conn.next_event(), Helo)
     assert conn.state is ConnState.AWAITING_PONG
-    conn.handshake_done()
+    ping = msgpack.unpackb(conn.data_to_send(), raw=False)
+    assert conn.data_to_send() == b""  # handed out once
+    verdict = check_ping(ping, NONCE, b"", SHARED_KEY, {})
+    assert verdict.ok
+    conn.receive_data(make_pong(True, "", "server", verdict.shared_key_salt, NONCE, SHARED_KEY))
+    assert isinstance(conn.next_event(), Pong)
     assert conn.state is ConnState.READY
+    assert conn.keepalive
+    conn.send_chunk(chunk(), expect_ack=True)
+    assert conn.state is ConnState.AWAITING_ACK
+
+
+def test_keepalive_false_in_the_helo_is_the_connections() -> None:
+    conn = handshaking()
+    conn.receive_data(make_helo(NONCE, b"", keepalive=False))
+    conn.next_event()
+    assert not conn.keepalive
+
+
+def test_a_pong_that_fails_its_checks_closes_the_connection() -> None:
+    conn = handshaking()
+    conn.receive_data(make_helo(NONCE, b""))
+    conn.next_event()
+    salt = check_ping(msgpack.unpackb(conn.data_to_send(), raw=False), NONCE, b"", "", {})
+    conn.receive_data(make_pong(True, "", "server", salt.shared_key_salt, NONCE, "wrong"))
+    with pytest.raises(HandshakeProtocolError, match="shared key mismatch"):
+        conn.next_event()
+    assert conn.state is ConnState.CLOSED
+
+
+def test_a_refusing_pong_carries_the_reason_and_closes_the_connection() -> None:
+    conn = handshaking()
+    conn.receive_data(make_helo(NONCE, b""))
+    conn.next_event()
+    conn.receive_data(make_pong(False, "shared_key mismatch", "", b"", NONCE, SHARED_KEY))
+    with pytest.raises(AuthRefusedError, match="shared_key mismatch"):
+        conn.next_event()
+    assert conn.state is ConnState.CLOSED
+
+
+def test_a_lost_connection_hands_back_the_waiters_oldest_first() -> None:
+    conn: ClientConnection[str] = ClientConnection()
+    conn.send_chunk(chunk("a"), expect_ack=True, waiter="first")
+    conn.send_chunk(chunk("b"), expect_ack=True, waiter="second")
+    conn.receive_data(msgpack.packb({"ack": "a"}))
+    assert conn.next_event() == Acked(ChunkId("a"), "first")
+    assert conn.awaiting_acks == 1
+    assert conn.connection_lost() == ["second"]
+    assert conn.awaiting_acks == 0
+    assert conn.state is ConnState.CLOSED
 
 
 def test_data_before_helo_is_refused() -> None:
-    conn = ClientConnection(handshake=True)
+    conn = handshaking()
     conn.receive_data(msgpack.packb({"ack": "x"}))
     with pytest.raises(RemoteProtocolError, match="expected HELO"):
         conn.next_event()

@@ -14,6 +14,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from forwarder.forward.handshake import PingCheck, check_ping
 from tests.harness.receivers import (
     GARBAGE,
     CountingReceiver,
@@ -22,7 +23,6 @@ from tests.harness.receivers import (
     ForwardReceiver,
     NodeReceiver,
     SenderProtocolError,
-    check_ping,
     count_packed_entries,
     decode_forward_message,
     new_unpacker,
@@ -139,24 +139,28 @@ def ping_message(
     return ["PING", hostname, salt, sha512_hex(salt, hostname, nonce, key), user, password_digest]
 
 
-def test_check_ping() -> None:
+def test_the_receivers_check_pings_with_the_handshake_modules_server_side() -> None:
     nonce = b"n" * 16
-    common: dict[str, Any] = {"nonce": nonce, "shared_key": "k", "server_hostname": "srv"}
-    assert check_ping(ping_message(nonce, "k"), **common) == (True, "", b"0123456789abcdef")
-    assert check_ping(ping_message(nonce, "wrong"), **common)[:2] == (False, "shared_key mismatch")
-    assert not check_ping(ping_message(nonce, "k", "srv"), **common)[0]
+
+    def check(ping: object, auth_salt: bytes = b"", users: dict[str, str] | None = None) -> Any:
+        return check_ping(ping, nonce, auth_salt, "k", users or {}, server_hostname="srv")
+
+    assert check(ping_message(nonce, "k")) == PingCheck(
+        True, "", b"0123456789abcdef", "client-host"
+    )
+    assert check(ping_message(nonce, "wrong"))[:2] == (False, "shared_key mismatch")
+    assert check(ping_message(nonce, "k", "srv"))[:2] == (
+        False,
+        "same hostname between input and output: invalid configuration",
+    )
 
     salt = b"a" * 16
     users = {"alice": "secret"}
     good = ping_message(nonce, "k", auth_salt=salt, user="alice", password="secret")
     bad = ping_message(nonce, "k", auth_salt=salt, user="alice", password="guess")
-    assert check_ping(good, **common, auth_salt=salt, users=users)[0]
-    assert check_ping(bad, **common, auth_salt=salt, users=users)[:2] == (
-        False,
-        "username/password mismatch",
-    )
-    with pytest.raises(SenderProtocolError, match="expected PING"):
-        check_ping(["PONG"], **common)
+    assert check(good, salt, users).ok
+    assert check(bad, salt, users)[:2] == (False, "username/password mismatch")
+    assert check(["PONG"]) == PingCheck(False, "invalid ping message", b"", "")
 
 
 # ---- a tiny Forward client for the socket tests -----------------------------------------

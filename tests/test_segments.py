@@ -16,8 +16,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from forwarder.chunks import ChunkId
 from forwarder.events import ContainerId, Position
-from forwarder.forward.protocol import ChunkId
 from forwarder.segments import (
     HEADER_BYTES,
     MAGIC,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forwarder.backoff import backoff_delays
 from forwarder.config import Config
 from forwarder.docker.engine import (
     ContainerGoneError,
@@ -32,7 +33,6 @@ from forwarder.docker.engine import (
 )
 from forwarder.docker.follower import LinesSink, LogSource, follow_container
 from forwarder.events import ContainerId, ContainerInfo, Position
-from forwarder.forward.client import backoff_delays
 
 log = logging.getLogger(__name__)
 

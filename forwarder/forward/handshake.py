@@ -23,8 +23,9 @@ as a str of 32 hex digits, as Fluentd's out_forward sends it (Fluent Bit's in_fo
 a bin salt).
 
 :class:`ClientHandshake` is the client's state machine, h11-style: it takes decoded
-messages and returns the bytes to send. ``make_helo``, ``check_ping`` and ``make_pong`` are
-the server's side, used by the test receivers so that both ends share one implementation.
+messages and returns the bytes to send; :class:`~forwarder.forward.protocol.ClientConnection`
+drives it. ``make_helo``, ``check_ping`` and ``make_pong`` are the server's side, the one
+implementation the test receivers (``tests/harness/receivers.py``) answer with.
 
 Secrets (the shared key, the password) and the digests derived from them never appear in an
 exception message or a ``repr``.
@@ -277,7 +278,9 @@ def _parse_helo(message: object) -> tuple[bytes, bytes, bool]:
     return nonce, auth_salt, keepalive
 
 
-# --- the server's side (test receivers) ---------------------------------------------------
+# --- the server's side (the test receivers use it) ----------------------------------------
+
+_SAME_HOSTNAME = "same hostname between input and output: invalid configuration"
 
 
 class PingCheck(NamedTuple):
@@ -305,11 +308,14 @@ def check_ping(
     auth_salt: bytes,
     shared_key: str,
     users: Mapping[str, str],
+    *,
+    server_hostname: str | None = None,
 ) -> PingCheck:
     """Check a decoded PING as Fluentd's in_forward does; ``users`` empty: no user auth.
+    With ``server_hostname``, a client that gives the same name is refused, as Fluentd does.
 
-    The reasons are Fluentd's words: "invalid ping message", "shared_key mismatch",
-    "username/password mismatch".
+    The reasons are Fluentd's words: "invalid ping message", "same hostname between input
+    and output: invalid configuration", "shared_key mismatch", "username/password mismatch".
     """
     invalid = PingCheck(False, "invalid ping message", b"", "")
     if not isinstance(message, list | tuple) or len(message) != 6 or message[0] != "PING":
@@ -324,6 +330,8 @@ def check_ping(
     except HandshakeProtocolError:
         return invalid
     client_hostname = hostname_bytes.decode("utf-8", "replace")
+    if server_hostname is not None and hostname_bytes == server_hostname.encode("utf-8"):
+        return PingCheck(False, _SAME_HOSTNAME, salt_bytes, client_hostname)
     expected = _sha512_hex(salt_bytes, hostname_bytes, nonce, shared_key.encode("utf-8"))
     if not hmac.compare_digest(key_digest_bytes, expected.encode("ascii")):
         return PingCheck(False, "shared_key mismatch", salt_bytes, client_hostname)

@@ -10,26 +10,22 @@ Wire shapes (Forward protocol v1, msgpack):
     Ack (server -> client)  {"ack": id}
 
 ``chunk`` is sent only when an ack is wanted. Nothing here touches a socket: the asyncio
-client in :mod:`forwarder.forward.client` moves the bytes.
+connection in :mod:`forwarder.forward.connection` moves the bytes.
 """
 
 from __future__ import annotations
 
-import base64
 import enum
 import gzip
-import os
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NewType
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgpack
 
-from forwarder.docker.frames import LogLine
-from forwarder.events import ContainerId, EventTime, Position
-
-ChunkId = NewType("ChunkId", str)
+from forwarder.events import EventTime
+from forwarder.forward.handshake import ClientHandshake
 
 EVENT_TIME_EXT = 0
 _EVENT_TIME = struct.Struct(">II")
@@ -67,11 +63,6 @@ def decode_event_time(ext: msgpack.ExtType) -> EventTime:
     return EventTime(*_EVENT_TIME.unpack(ext.data))
 
 
-def new_chunk_id() -> ChunkId:
-    """A unique chunk id: 16 random bytes in base64, as Fluentd's out_forward makes them."""
-    return ChunkId(base64.b64encode(os.urandom(16)).decode("ascii"))
-
-
 def _strip_array_header(packed: bytes, count: int) -> bytes:
     # msgpack array headers: fixarray (1 byte) below 16, array16 (3) below 2**16, else array32.
     if count < 16:
@@ -90,10 +81,32 @@ def encode_entries(entries: Sequence[tuple[int, dict[str, Any]]]) -> bytes:
     return _strip_array_header(packed, len(entries))
 
 
+class LogLineLike(Protocol):
+    """What :func:`encode_log_entries` reads of a line (a source's ``LogLine`` has it)."""
+
+    @property
+    def source(self) -> str: ...
+    @property
+    def ts_ns(self) -> int: ...
+    @property
+    def text(self) -> str: ...
+
+
+class SendableChunk(Protocol):
+    """What :meth:`ClientConnection.send_chunk` reads of a chunk."""
+
+    @property
+    def chunk_id(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+
+
 _ENTRY_HEAD = b"\x92\xd7\x00"  # [time, record]: a 2-array, then fixext 8 of type 0 (EventTime)
 
 
-def encode_log_entries(container_id: str, container_name: str, lines: Sequence[LogLine]) -> bytes:
+def encode_log_entries(
+    container_id: str, container_name: str, lines: Sequence[LogLineLike]
+) -> bytes:
     """Concatenated log entries with exactly the keys Docker's fluentd driver sends, in
     :class:`~forwarder.events.LogEvent`'s order.
 
@@ -136,7 +149,7 @@ def encode_message(
     entries: bytes,
     count: int,
     *,
-    chunk_id: ChunkId | None,
+    chunk_id: str | None,
     compress: bool = False,
 ) -> bytes:
     """A PackedForward (or CompressedPackedForward) message."""
@@ -148,109 +161,6 @@ def encode_message(
         options["chunk"] = chunk_id
     packed: bytes = _PACKER.pack([tag, entries, options])
     return packed
-
-
-@dataclass(slots=True)
-class Chunk:
-    """A sealed chunk: its id and bytes never change, so a resend is identical."""
-
-    seq: int
-    chunk_id: ChunkId
-    tag: str
-    payload: bytes
-    count: int
-    positions: dict[ContainerId, Position] = field(default_factory=dict)
-    stored: bool = False  # written to the disk buffer: durable, and released when delivered
-
-    @property
-    def size(self) -> int:
-        return len(self.payload)
-
-
-class Chunker:
-    """Groups entries by tag into chunks, sealed by size or age. Sans-I/O: the caller passes
-    the clock reading (``now``, seconds, monotonic) and decides when to ask for due chunks."""
-
-    def __init__(
-        self,
-        *,
-        chunk_limit: int,
-        flush_interval_s: float,
-        require_ack: bool,
-        compress: bool,
-    ) -> None:
-        if chunk_limit <= 0:
-            raise LocalProtocolError("chunk_limit must be positive")
-        self._limit = chunk_limit
-        self._interval = flush_interval_s
-        self._require_ack = require_ack
-        self._compress = compress
-        self._open: dict[str, _OpenChunk] = {}
-        self._seq = 0
-
-    def add(
-        self,
-        tag: str,
-        entries: bytes,
-        count: int,
-        now: float,
-        position: tuple[ContainerId, Position] | None = None,
-    ) -> list[Chunk]:
-        """Add encoded entries; returns the chunks this sealed (when the limit was reached)."""
-        sealed: list[Chunk] = []
-        current = self._open.get(tag)
-        if current is not None and current.size + len(entries) > self._limit:
-            sealed.append(self._seal(tag))
-            current = None
-        if current is None:
-            current = self._open[tag] = _OpenChunk(opened_at=now)
-        current.parts.append(entries)
-        current.size += len(entries)
-        current.count += count
-        if position is not None:
-            current.positions[position[0]] = position[1]
-        if current.size >= self._limit:
-            sealed.append(self._seal(tag))
-        return sealed
-
-    def due(self, now: float) -> list[Chunk]:
-        """Chunks whose oldest entry has waited ``flush_interval``."""
-        tags = [t for t, c in self._open.items() if now - c.opened_at >= self._interval]
-        return [self._seal(tag) for tag in tags]
-
-    def flush_all(self) -> list[Chunk]:
-        return [self._seal(tag) for tag in list(self._open)]
-
-    def next_deadline(self) -> float | None:
-        if not self._open:
-            return None
-        return min(c.opened_at for c in self._open.values()) + self._interval
-
-    @property
-    def pending_bytes(self) -> int:
-        return sum(c.size for c in self._open.values())
-
-    def _seal(self, tag: str) -> Chunk:
-        current = self._open.pop(tag)
-        self._seq += 1
-        chunk_id = new_chunk_id()
-        payload = encode_message(
-            tag,
-            b"".join(current.parts),
-            current.count,
-            chunk_id=chunk_id if self._require_ack else None,
-            compress=self._compress,
-        )
-        return Chunk(self._seq, chunk_id, tag, payload, current.count, current.positions)
-
-
-@dataclass(slots=True)
-class _OpenChunk:
-    opened_at: float
-    parts: list[bytes] = field(default_factory=list)
-    size: int = 0
-    count: int = 0
-    positions: dict[ContainerId, Position] = field(default_factory=dict)
 
 
 # --- the client side of a connection ------------------------------------------------------
@@ -276,39 +186,64 @@ class Pong:
 
 @dataclass(frozen=True, slots=True)
 class Acked:
-    chunk_id: ChunkId
+    chunk_id: str
+    waiter: object = field(default=None, compare=False, repr=False)
+    """What the caller gave ``send_chunk`` with the chunk (the I/O layer's future)."""
 
 
 ServerEvent = Helo | Pong | Acked
 
+W = TypeVar("W")
 
-class ClientConnection:
-    """The client's view of one Forward connection, as a state machine.
 
-    ``receive_data`` buffers the server's bytes and ``next_event`` parses them. Allowed
-    transitions (anything else raises):
+class ClientConnection(Generic[W]):
+    """The client's side of one Forward connection, as one state machine, h11-style.
 
-        AWAITING_HELO --Helo--> AWAITING_PONG --Pong--> READY     (with a handshake)
+    ``receive_data`` buffers the server's bytes, ``next_event`` parses them and makes every
+    transition, ``data_to_send`` returns what the protocol wants written (the PING), and
+    ``send_chunk`` returns a chunk's bytes. Allowed transitions (anything else raises)::
+
+        AWAITING_HELO --Helo (PING queued)--> AWAITING_PONG --Pong (checked)--> READY
         READY --send_chunk(ack)--> AWAITING_ACK --Acked (the last one awaited)--> READY
         AWAITING_ACK --send_chunk(ack)--> AWAITING_ACK           (pipelined chunks)
-        any --close--> CLOSED
+        any --close, or a handshake that fails--> CLOSED
 
-    Several chunks may await their acks at once; an ack for a chunk not awaited is the
-    server's fault. A HELO on a connection made without the handshake raises
-    HandshakeRequiredError.
+    With a :class:`~forwarder.forward.handshake.ClientHandshake` the connection starts in
+    AWAITING_HELO and hands it the HELO and the PONG: the handshake checks them and makes
+    the PING, the connection alone holds the state. Its errors
+    (:class:`~forwarder.forward.handshake.HandshakeError`) come out of ``next_event``.
+
+    This is the one record of the chunks awaiting their acks on the connection, oldest
+    first, each with the caller's ``waiter`` (the I/O layer's future). An ack for a chunk
+    not awaited is the server's fault. A HELO on a connection made without the handshake
+    raises HandshakeRequiredError.
     """
 
-    def __init__(self, *, handshake: bool) -> None:
-        self.state = ConnState.AWAITING_HELO if handshake else ConnState.READY
+    def __init__(self, handshake: ClientHandshake | None = None) -> None:
+        self.state = ConnState.AWAITING_HELO if handshake is not None else ConnState.READY
+        self._handshake = handshake
         # surrogateescape: Fluent Bit packs its random HELO nonce as a str that is not UTF-8;
         # the handshake recovers the exact bytes from it.
         self._unpacker = msgpack.Unpacker(
             raw=False, unicode_errors="surrogateescape", max_buffer_size=MAX_REPLY_BYTES
         )
-        self._awaiting: dict[ChunkId, None] = {}  # insertion-ordered: oldest first
+        self._awaiting: dict[str, W | None] = {}  # insertion-ordered: oldest first
+        self._outgoing = bytearray()
+        self.acks = 0
+        """Acks received on this connection."""
 
     def __repr__(self) -> str:
-        return f"<ClientConnection {self.state.value}>"
+        return f"<ClientConnection {self.state.value} awaiting={len(self._awaiting)}>"
+
+    @property
+    def keepalive(self) -> bool:
+        """False when the server's HELO said so: it closes after each chunk."""
+        return self._handshake is None or self._handshake.keepalive is not False
+
+    @property
+    def is_ready(self) -> bool:
+        """Past the handshake and not closed: chunks may be sent."""
+        return self.state in (ConnState.READY, ConnState.AWAITING_ACK)
 
     def receive_data(self, data: bytes) -> None:
         if self.state is ConnState.CLOSED:
@@ -319,6 +254,11 @@ class ClientConnection:
             raise RemoteProtocolError(
                 f"the server sent over {MAX_REPLY_BYTES} bytes without a complete message"
             ) from exc
+
+    def data_to_send(self) -> bytes:
+        """The bytes the protocol wants written now (the PING after a HELO), once."""
+        data, self._outgoing = bytes(self._outgoing), bytearray()
+        return data
 
     def next_event(self) -> ServerEvent | None:
         """The next complete event, or ``None`` when more bytes are needed."""
@@ -334,11 +274,14 @@ class ClientConnection:
         state = self.state
         if state is ConnState.AWAITING_HELO:
             if isinstance(obj, list) and obj and obj[0] == "HELO":
+                self._outgoing += self._handshaking(obj, helo=True)
                 self.state = ConnState.AWAITING_PONG
                 return Helo(obj)
             raise RemoteProtocolError(f"expected HELO, got {_shorten(obj)}")
         if state is ConnState.AWAITING_PONG:
             if isinstance(obj, list) and obj and obj[0] == "PONG":
+                self._handshaking(obj, helo=False)
+                self.state = ConnState.READY
                 return Pong(obj)
             raise RemoteProtocolError(f"expected PONG, got {_shorten(obj)}")
         if state in (ConnState.READY, ConnState.AWAITING_ACK) and _is_helo(obj):
@@ -352,35 +295,56 @@ class ClientConnection:
                     ack = ack.decode("ascii", "replace")
                 if ack not in self._awaiting:
                     raise RemoteProtocolError(f"ack for an unknown chunk {_shorten(ack)}")
-                del self._awaiting[ack]
+                waiter = self._awaiting.pop(ack)
+                self.acks += 1
                 if not self._awaiting:
                     self.state = ConnState.READY
-                return Acked(ChunkId(ack))
+                return Acked(ack, waiter)
             raise RemoteProtocolError(f"expected an ack, got {_shorten(obj)}")
         raise RemoteProtocolError(f"unexpected message from the server: {_shorten(obj)}")
 
-    def handshake_done(self) -> None:
-        """The PONG checked out (see :mod:`forwarder.forward.handshake`)."""
-        if self.state is not ConnState.AWAITING_PONG:
-            raise LocalProtocolError(f"handshake_done in state {self.state.value}")
-        self.state = ConnState.READY
+    def _handshaking(self, message: list[Any], *, helo: bool) -> bytes:
+        """Hand the HELO or the PONG to the handshake; a failure closes the connection."""
+        handshake = self._handshake
+        assert handshake is not None  # only a connection made with one awaits HELO/PONG
+        try:
+            if helo:
+                return handshake.receive_helo(message)
+            handshake.receive_pong(message)
+        except BaseException:
+            self.state = ConnState.CLOSED
+            raise
+        return b""
 
     @property
     def awaiting_acks(self) -> int:
         """Chunks sent whose ack has not come yet."""
         return len(self._awaiting)
 
-    def send_chunk(self, chunk: Chunk, *, expect_ack: bool) -> bytes:
+    def send_chunk(
+        self, chunk: SendableChunk, *, expect_ack: bool, waiter: W | None = None
+    ) -> bytes:
         if self.state not in (ConnState.READY, ConnState.AWAITING_ACK):
             raise LocalProtocolError(f"send_chunk in state {self.state.value}")
         if expect_ack:
             if chunk.chunk_id in self._awaiting:
                 raise LocalProtocolError(f"chunk {chunk.chunk_id} is already awaiting its ack")
-            self._awaiting[chunk.chunk_id] = None
+            self._awaiting[chunk.chunk_id] = waiter
             self.state = ConnState.AWAITING_ACK
         return chunk.payload
 
+    def connection_lost(self) -> list[W | None]:
+        """The connection is gone: returns the waiters of the chunks that were awaiting
+        their acks, oldest first (none will come). During the handshake what was received
+        before the loss can still be read (a PONG with the server's reason, then a close)."""
+        if self.state in (ConnState.READY, ConnState.AWAITING_ACK):
+            self.state = ConnState.CLOSED
+        waiters = list(self._awaiting.values())
+        self._awaiting.clear()
+        return waiters
+
     def close(self) -> None:
+        """Closed by us; the chunks awaiting their acks are taken by ``connection_lost``."""
         self.state = ConnState.CLOSED
 
 

@@ -47,6 +47,8 @@ from typing import Any, NamedTuple, TypedDict, TypeVar
 
 import msgpack
 
+from forwarder.forward import handshake
+
 EVENT_TIME_EXT_CODE = 0
 PEERS_DIR = Path(__file__).resolve().parent.parent / "peers"
 NODE_SCRIPT = PEERS_DIR / "fluent_server.js"
@@ -256,34 +258,6 @@ def sha512_hex(*parts: bytes | str) -> str:
     return digest.hexdigest()
 
 
-def check_ping(
-    ping: object,
-    *,
-    nonce: bytes,
-    shared_key: str,
-    server_hostname: str,
-    auth_salt: bytes | None = None,
-    users: Mapping[str, str] | None = None,
-) -> tuple[bool, str, bytes]:
-    """Check a PING against our HELO: (ok, reason, shared_key_salt). Pure."""
-    if not isinstance(ping, list) or len(ping) != 6 or ping[0] != "PING":
-        raise SenderProtocolError(f"expected PING, got {ping!r:.200}")
-    hostname = _as_str(ping[1], "PING hostname")
-    salt = _as_bytes(ping[2], "PING shared_key_salt")
-    digest = _as_str(ping[3], "PING digest")
-    username = _as_str(ping[4], "PING username")
-    password_digest = _as_str(ping[5], "PING password digest")
-    if hostname == server_hostname:
-        return False, "same hostname between input and output: invalid configuration", salt
-    if digest != sha512_hex(salt, hostname, nonce, shared_key):
-        return False, "shared_key mismatch", salt
-    if auth_salt is not None:
-        expected = (users or {}).get(username)
-        if expected is None or password_digest != sha512_hex(auth_salt, username, expected):
-            return False, "username/password mismatch", salt
-    return True, "", salt
-
-
 # ---- the socket server ------------------------------------------------------------------
 
 
@@ -468,32 +442,40 @@ class _ForwardServer:
         raise _ConnectionClosed  # pragma: no cover - _messages never ends normally
 
     def _handshake(self, sock: socket.socket, unpacker: msgpack.Unpacker) -> bool:
+        """The server's side of the handshake, made of :mod:`forwarder.forward.handshake`'s
+        (the one implementation; the client's side is checked against it and against
+        independent peers)."""
         assert self.shared_key is not None
         nonce = secrets.token_bytes(16)
-        auth_salt = secrets.token_bytes(16) if self.users is not None else None
-        helo = ["HELO", {"nonce": nonce, "auth": auth_salt or "", "keepalive": True}]
-        sock.sendall(msgpack.packb(helo, use_bin_type=True))
+        auth_salt = secrets.token_bytes(16) if self.users is not None else b""
+        sock.sendall(handshake.make_helo(nonce, auth_salt))
         ping = self._read_one(sock, unpacker)
         if self._raw and isinstance(ping, list) and ping:
             ping = [_as_str(ping[0], "PING"), *ping[1:]]
-        ok, reason, salt = check_ping(
+        verdict = handshake.check_ping(
             ping,
-            nonce=nonce,
-            shared_key=self.shared_key,
+            nonce,
+            auth_salt,
+            self.shared_key,
+            self.users or {},
             server_hostname=self.self_hostname,
-            auth_salt=auth_salt,
-            users=self.users,
         )
-        digest = sha512_hex(salt, self.self_hostname, nonce, self.shared_key) if ok else ""
-        if ok and self.bad_pong_digest:
-            digest = sha512_hex(salt, self.self_hostname, nonce, self.shared_key + "-wrong")
-        if not ok:  # recorded before the PONG, so a client that sees it can check this
+        # bad_pong_digest: a PONG that proves another key than the one the client holds.
+        proof_key = self.shared_key + "-wrong" if self.bad_pong_digest else self.shared_key
+        if not verdict.ok:  # recorded before the PONG, so a client that sees it can check this
             with self._cond:
-                self.auth_failures.append(reason)
+                self.auth_failures.append(verdict.reason)
                 self._cond.notify_all()
-        pong = ["PONG", ok, reason, self.self_hostname, digest]
-        sock.sendall(msgpack.packb(pong, use_bin_type=True))
-        return ok
+        pong = handshake.make_pong(
+            verdict.ok,
+            verdict.reason,
+            self.self_hostname,
+            verdict.shared_key_salt,
+            nonce,
+            proof_key,
+        )
+        sock.sendall(pong)
+        return verdict.ok
 
     def _on_message(self, sock: socket.socket, conn_id: int, obj: object) -> None:
         raise NotImplementedError
