@@ -57,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from forwarder.forward.setup import check_output
 
         check_output(config.output)  # secret and TLS files, read now so a bad one is named
+        if args.command == "run":
+            config.state.check_access()  # the state dir, as the pipeline will use it
     except ConfigError as exc:
         print(f"forwarder: config error:\n{_indent(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
@@ -101,6 +103,9 @@ async def _run(config: Config) -> int:
     try:
         pipeline = Pipeline(config)
         await pipeline.start()
+    except ConfigError as exc:  # a file main() read has changed since
+        print(f"forwarder: config error:\n{_indent(str(exc))}", file=sys.stderr)
+        return EXIT_CONFIG
     except (OSError, ValueError) as exc:
         log.error("can't start: %s", exc)
         return EXIT_FAILED

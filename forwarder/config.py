@@ -10,17 +10,21 @@ Strings may use ``${NAME}`` to take a value from the environment (``$${`` is a l
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
+import tempfile
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -51,20 +55,35 @@ _SIZE_UNITS = {
 }
 
 
+# The parsers refuse what no field would take, before it can overflow a timedelta or an int:
+# a duration past this, a size that is not a finite number. The fields' own bounds are
+# narrower, and their descriptions state them.
+_LONGEST_S = 1e9  # about 31 years
+
+
 def parse_duration(value: object) -> timedelta:
     if isinstance(value, timedelta):
         return value
     if isinstance(value, bool):
         raise ValueError('expected a duration like "250ms", "1s", "2m", or seconds')
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration can't be negative")
-        return timedelta(seconds=value)
-    if isinstance(value, str):
+    seconds: float | None = None
+    if isinstance(value, int):
+        seconds = float(min(value, _LONGEST_S + 1))  # a huge int overflows a float
+    elif isinstance(value, float):
+        if math.isnan(value):
+            raise ValueError("nan is not a number of seconds")
+        seconds = value
+    elif isinstance(value, str):
         match = _DURATION_RE.match(value)
         if match:
-            return timedelta(seconds=float(match[1]) * _DURATION_UNITS[match[2]])
-    raise ValueError(f'{value!r} is not a duration like "250ms", "1s", "2m", "1h"')
+            seconds = float(match[1]) * _DURATION_UNITS[match[2]]
+    if seconds is None:
+        raise ValueError(f'{value!r} is not a duration like "250ms", "1s", "2m", "1h"')
+    if seconds < 0:
+        raise ValueError("a duration can't be negative")
+    if not seconds <= _LONGEST_S:
+        raise ValueError("far too long a duration")
+    return timedelta(seconds=seconds)
 
 
 def parse_size(value: object) -> int:
@@ -77,8 +96,50 @@ def parse_size(value: object) -> int:
     if isinstance(value, str):
         match = _SIZE_RE.match(value)
         if match:
-            return int(float(match[1]) * _SIZE_UNITS[match[2]])
+            number = float(match[1]) * _SIZE_UNITS[match[2]]
+            if not math.isfinite(number):
+                raise ValueError("far too large a size")
+            return int(number)
     raise ValueError(f'{value!r} is not a size like "512KiB", "8MiB", "1GiB" or bytes')
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range a duration or size field accepts, in the config's own units. The field's
+    description states :attr:`text`; a test keeps the two in step."""
+
+    low: str
+    high: str
+    off: str | None = None  # a value outside the range that means "off", such as "0s"
+
+    @property
+    def text(self) -> str:
+        span = f"{self.low} to {self.high}"
+        return f'"{self.off}" or {span}' if self.off is not None else span
+
+    def __call__(self, value: Any) -> Any:
+        parse = parse_duration if isinstance(value, timedelta) else parse_size
+        if self.off is not None and value == parse(self.off):
+            return value
+        if not parse(self.low) <= value <= parse(self.high):
+            off = f' (or "{self.off}" for off)' if self.off is not None else ""
+            raise ValueError(f"must be from {self.low} to {self.high}{off}")
+        return value
+
+
+def _bounds(low: str, high: str, *, off: str | None = None) -> AfterValidator:
+    return AfterValidator(Bounds(low, high, off))
+
+
+def _parse_path(value: object) -> object:
+    """A path from the file: a non-empty string (strict mode refuses a str for a Path)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("the path is empty")
+        return Path(value)
+    if value is not None and not isinstance(value, Path):
+        raise ValueError("expected a path, as a string")
+    return value
 
 
 Duration = Annotated[
@@ -118,8 +179,14 @@ def _size_default(text: str) -> Any:
 
 
 class _Section(BaseModel):
+    # strict: TOML has real booleans and integers, so "no" is not false and "60" is not 60;
+    # durations, sizes and paths take their string forms through their own validators.
     model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=False
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        validate_default=True,
+        use_attribute_docstrings=False,
     )
 
 
@@ -143,10 +210,10 @@ class DockerConfig(_Section):
         'from now, "head" reads their whole log. Containers started later are always read '
         "whole, and a container with a saved position resumes from it.",
     )
-    max_line_bytes: Size = Field(
+    max_line_bytes: Annotated[Size, _bounds("1KiB", "64MiB")] = Field(
         default=_size_default("1MiB"),
         description="The longest line, after joining the pieces the engine splits long lines "
-        "into. A longer line is split at this size, and the log says so.",
+        "into. A longer line is split at this size, and the log says so. 1KiB to 64MiB.",
     )
     exclude_self: bool = Field(
         default=True,
@@ -165,6 +232,7 @@ class DockerConfig(_Section):
         if parts.scheme == "unix" and parts.path:
             return value
         if parts.scheme in {"tcp", "http", "https"} and parts.hostname:
+            _check_port(value, parts, required=False)
             return value
         raise ValueError(f"{value!r} is not unix:///path or tcp://host:port")
 
@@ -207,12 +275,26 @@ class Endpoint(BaseModel):
         return f"{self.scheme}://{host}:{self.port}"
 
 
+def _check_port(value: str, parts: SplitResult, *, required: bool) -> int | None:
+    """The URL's port, which must be 1-65535; ValueError says why not."""
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # not a number, or out of urllib's 0-65535
+    if port is None and not required:
+        return None
+    if port is None:
+        raise ValueError(f"{value!r} is not tcp://host:port: the port is missing")
+    if not 1 <= port <= 65535:
+        raise ValueError("the port must be a number from 1 to 65535")
+    return port
+
+
 def parse_server_url(value: str) -> Endpoint:
     """Parse ``tcp://host:port``, ``tls://host:port`` or ``unix:///path``."""
     problem = f"{value!r} is not tcp://host:port, tls://host:port or unix:///path"
     try:
         parts = urlsplit(value)
-        port = parts.port
     except ValueError as exc:
         raise ValueError(problem) from exc
     if parts.scheme == "unix":
@@ -220,8 +302,10 @@ def parse_server_url(value: str) -> Endpoint:
             raise ValueError(problem)
         return Endpoint(scheme="unix", path=parts.path)
     if parts.scheme in {"tcp", "tls"}:
-        if not parts.hostname or port is None or parts.path not in {"", "/"} or parts.query:
+        if not parts.hostname or parts.path not in {"", "/"} or parts.query:
             raise ValueError(problem)
+        port = _check_port(value, parts, required=True)
+        assert port is not None
         return Endpoint(scheme=parts.scheme, host=parts.hostname, port=port)
     raise ValueError(problem)
 
@@ -244,6 +328,8 @@ class TLSConfig(_Section):
     )
     min_version: Literal["1.2", "1.3"] = Field(default="1.2", description="Lowest TLS version.")
 
+    _paths = field_validator("ca_file", "cert_file", "key_file", mode="before")(_parse_path)
+
     @model_validator(mode="after")
     def _pair(self) -> TLSConfig:
         if (self.cert_file is None) != (self.key_file is None):
@@ -263,41 +349,47 @@ class OutputConfig(_Section):
         description="Forward servers: URLs, or tables {url, weight, standby}.",
         json_schema_extra={"default": ["tcp://127.0.0.1:24224"]},
     )
-    flush_interval: Duration = Field(
+    flush_interval: Annotated[Duration, _bounds("1ms", "1h")] = Field(
         default=_duration_default("1s"),
         description="The longest a record waits before its chunk is sent. A chunk is also sent "
-        "at once when the input goes quiet.",
+        "at once when the input goes quiet. 1ms to 1h.",
     )
-    chunk_limit: Size = Field(
-        default=_size_default("1MiB"), description="The largest chunk, in bytes."
+    chunk_limit: Annotated[Size, _bounds("1KiB", "64MiB")] = Field(
+        default=_size_default("1MiB"),
+        description="The largest chunk, in bytes (a single longer record makes a chunk of its "
+        "own). 1KiB to 64MiB.",
     )
     require_ack: bool = Field(default=True, description="Ask the server to ack every chunk.")
-    ack_timeout: Duration = Field(
-        default=_duration_default("30s"), description="How long to wait for a chunk's ack."
+    ack_timeout: Annotated[Duration, _bounds("1ms", "1h")] = Field(
+        default=_duration_default("30s"),
+        description="How long to wait for a chunk's ack. 1ms to 1h.",
     )
-    connect_timeout: Duration = Field(
+    connect_timeout: Annotated[Duration, _bounds("1ms", "1h")] = Field(
         default=_duration_default("10s"),
-        description="How long a connection attempt may take: TCP, TLS and the handshake.",
+        description="How long a connection attempt may take: TCP, TLS and the handshake. "
+        "1ms to 1h.",
     )
     compress: Literal["none", "gzip"] = Field(
         default="none", description='"gzip" sends CompressedPackedForward.'
     )
-    buffer_limit: Size = Field(
+    buffer_limit: Annotated[Size, _bounds("1KiB", "16GiB")] = Field(
         default=_size_default("64MiB"),
-        description="Bytes of chunks held in memory before the followers pause.",
+        description="Bytes of chunks held in memory before the followers pause. 1KiB to 16GiB, "
+        "and at least chunk_limit.",
     )
-    retry_wait: Duration = Field(
+    retry_wait: Annotated[Duration, _bounds("1ms", "1h")] = Field(
         default=_duration_default("1s"),
         description="How long a failed server is left alone at first; the wait doubles, with "
-        "jitter, at each failure in a row.",
+        "jitter, at each failure in a row. 1ms to 1h.",
     )
-    retry_max_wait: Duration = Field(
-        default=_duration_default("60s"), description="The longest wait between resends."
+    retry_max_wait: Annotated[Duration, _bounds("1ms", "24h")] = Field(
+        default=_duration_default("60s"),
+        description="The longest wait between resends. 1ms to 24h, and at least retry_wait.",
     )
-    heartbeat_interval: Duration = Field(
+    heartbeat_interval: Annotated[Duration, _bounds("1ms", "1h", off="0s")] = Field(
         default=_duration_default("1s"),
         description='How often an unreachable server is probed with a TCP connect; "0s": no '
-        "probes, it waits out its backoff.",
+        'probes, it waits out its backoff. "0s" or 1ms to 1h.',
     )
     self_hostname: str = Field(
         default_factory=socket.gethostname,
@@ -314,6 +406,8 @@ class OutputConfig(_Section):
         default=None, description="A file holding the password (trailing newline ignored)."
     )
     tls: TLSConfig = Field(default_factory=TLSConfig, description="TLS for tls:// servers.")
+
+    _paths = field_validator("shared_key_file", "password_file", mode="before")(_parse_path)
 
     @model_validator(mode="after")
     def _check(self) -> OutputConfig:
@@ -334,11 +428,13 @@ class OutputConfig(_Section):
             )
         if not any(server.weight > 0 for server in self.servers):
             raise ValueError("every server has weight 0: none would get chunks")
-        for key in ("ack_timeout", "connect_timeout", "retry_wait"):
-            if getattr(self, key).total_seconds() <= 0:
-                raise ValueError(f"{key} must be more than 0s")
         if self.retry_max_wait < self.retry_wait:
             raise ValueError("retry_max_wait is shorter than retry_wait")
+        if self.buffer_limit < self.chunk_limit:
+            raise ValueError(
+                f"buffer_limit ({self.buffer_limit} bytes) is smaller than chunk_limit "
+                f"({self.chunk_limit} bytes): memory must hold at least one chunk"
+            )
         return self
 
     def secret_shared_key(self) -> str | None:
@@ -370,6 +466,29 @@ class StateConfig(_Section):
         description="Where positions and the disk buffer live.",
     )
 
+    _paths = field_validator("dir", mode="before")(_parse_path)
+
+    def check_access(self) -> None:
+        """Create ``dir`` if need be and check that forwarder can write there and read what
+        it holds, as ``run`` will at start; ConfigError names the key and the reason."""
+        where = self.dir
+        step = "create"
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            step = "write to"
+            with tempfile.TemporaryFile(dir=where, prefix=".forwarder-probe-"):
+                pass
+            for name in ("positions.json", "buffer"):
+                path = where / name
+                step = f"read {path} in"
+                if path.is_file():
+                    path.open("rb").close()
+                elif path.is_dir():
+                    os.listdir(path)
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ConfigError(f"state.dir: can't {step} {where}: {reason}") from None
+
 
 class TagsConfig(_Section):
     logs: str = Field(
@@ -392,9 +511,10 @@ class TagsConfig(_Section):
 
 
 class StatsConfig(_Section):
-    interval: Duration = Field(
+    interval: Annotated[Duration, _bounds("1s", "24h", off="0s")] = Field(
         default=_duration_default("10s"),
-        description='How often each container\'s stats are shipped; "0s" turns stats off.',
+        description='How often each container\'s stats are shipped; "0s" turns stats off. '
+        '"0s" or 1s to 24h (the engine samples once a second).',
     )
 
 
@@ -406,9 +526,11 @@ class BufferConfig(_Section):
         'is written to disk before it is sent. "memory": no disk buffer; positions move only '
         "on acks, and the followers pause when memory is full.",
     )
-    max_bytes: Size = Field(
+    max_bytes: Annotated[Size, _bounds("64KiB", "1024GiB")] = Field(
         default=_size_default("256MiB"),
-        description="The most the disk buffer under [state] dir may hold.",
+        description="The most the disk buffer under [state] dir may hold. 64KiB to 1024GiB, "
+        "and more than twice [output] chunk_limit (a chunk goes to disk only if it is under "
+        'half of max_bytes); not used with mode = "memory".',
     )
     overflow: Literal["block", "drop_oldest"] = Field(
         default="block",
@@ -418,9 +540,9 @@ class BufferConfig(_Section):
 
 
 class ServiceConfig(_Section):
-    shutdown_timeout: Duration = Field(
+    shutdown_timeout: Annotated[Duration, _bounds("0s", "1h")] = Field(
         default=_duration_default("10s"),
-        description="On SIGTERM, how long to keep delivering before exiting.",
+        description="On SIGTERM, how long to keep delivering before exiting. 0s to 1h.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="The collector's own log level (to stderr)."
@@ -435,6 +557,17 @@ class Config(_Section):
     stats: StatsConfig = Field(default_factory=StatsConfig)
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        # The disk buffer takes a chunk only if it is under half of max_bytes (buffer.py).
+        if self.buffer.mode != "memory" and self.buffer.max_bytes <= 2 * self.output.chunk_limit:
+            raise ValueError(
+                f"buffer.max_bytes ({self.buffer.max_bytes} bytes) must be more than twice "
+                f"output.chunk_limit ({self.output.chunk_limit} bytes): the disk buffer takes "
+                "a chunk only if it is under half of max_bytes"
+            )
+        return self
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -467,7 +600,9 @@ def _expand_env(value: Any, path: str, env: Mapping[str, str]) -> Any:
 
 
 def _describe(error: Any) -> str:
-    loc = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    loc = ".".join(str(part) for part in error["loc"])
+    if not loc:  # a check across sections: its message names the keys
+        return str(error["msg"]).removeprefix("Value error, ")
     kind = error["type"]
     if kind == "extra_forbidden":
         parent = _model_at(error["loc"][:-1])
@@ -477,6 +612,8 @@ def _describe(error: Any) -> str:
     message = message.removeprefix("Value error, ")
     if "input" in error and kind not in {"missing"} and not isinstance(error["input"], dict):
         shown = repr(error["input"])
+        if len(shown) > 80:
+            shown = shown[:60] + f"... ({len(shown)} characters)"
         if loc.endswith(("shared_key", "password")):
             shown = "(hidden)"
         return f"{loc}: {message} (got {shown})"
@@ -523,14 +660,20 @@ def load_config(path: Path | str | None, env: Mapping[str, str] | None = None) -
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{path}: can't read the config: {exc.strerror}") from None
+        raise ConfigError(f"{path}: can't read the config: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL in the name
+        raise ConfigError(f"{path!r}: can't read the config: {exc}") from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: arrays or tables nested far too deeply") from None
     try:
         return config_from_dict(data, env)
     except ConfigError as exc:
         raise ConfigError("\n".join(f"{path}: {line}" for line in str(exc).splitlines())) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: arrays or tables nested far too deeply") from None

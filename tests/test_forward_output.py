@@ -648,7 +648,11 @@ def test_forwarder_check_reads_the_secret_and_tls_files(
     for output, tls, words in [
         ({"shared_key_file": str(missing)}, {}, "output.shared_key_file: can't read"),
         ({"shared_key": "k", "username": "u", "password_file": str(missing)}, {}, "password_file"),
-        ({"servers": ["tls://agg:24284"]}, {"ca_file": str(missing)}, "tls.ca_file: can't read"),
+        (
+            {"servers": ["tls://agg:24284"]},
+            {"ca_file": str(missing)},
+            "output.tls.ca_file: can't read",
+        ),
     ]:
         config = tmp_path / "forwarder.toml"
         lines = ["[output]"] + [f"{k} = {json_value(v)}" for k, v in output.items()]

@@ -344,19 +344,20 @@ def _config_error(**fields: Any) -> str:
 def test_missing_ca_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.pem"
     assert (
-        _config_error(ca_file=path) == f"tls.ca_file: can't read {path}: No such file or directory"
+        _config_error(ca_file=path)
+        == f"output.tls.ca_file: can't read {path}: No such file or directory"
     )
 
 
 def test_ca_file_is_a_directory(tmp_path: Path) -> None:
     message = _config_error(ca_file=tmp_path)
-    assert message.startswith(f"tls.ca_file: can't read {tmp_path}: ")
+    assert message.startswith(f"output.tls.ca_file: can't read {tmp_path}: ")
 
 
 def test_ca_file_that_holds_no_certificate(pki: PKI) -> None:
     message = _config_error(ca_file=pki.ca.key)
     assert message == (
-        f"tls.ca_file: {pki.ca.key} holds no PEM certificate "
+        f"output.tls.ca_file: {pki.ca.key} holds no PEM certificate "
         "(no '-----BEGIN CERTIFICATE-----' line)"
     )
 
@@ -365,41 +366,41 @@ def test_ca_file_with_a_broken_certificate(tmp_path: Path) -> None:
     path = tmp_path / "broken.pem"
     path.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
     message = _config_error(ca_file=path)
-    assert message.startswith(f"tls.ca_file: can't load the CA certificates in {path}: ")
+    assert message.startswith(f"output.tls.ca_file: can't load the CA certificates in {path}: ")
 
 
 def test_ca_file_is_read_even_with_verify_off(tmp_path: Path) -> None:
     path = tmp_path / "nope.pem"
-    assert "tls.ca_file" in _config_error(ca_file=path, verify=False)
+    assert "output.tls.ca_file" in _config_error(ca_file=path, verify=False)
 
 
 def test_missing_cert_file(pki: PKI, tmp_path: Path) -> None:
     path = tmp_path / "client.crt"
     message = _config_error(cert_file=path, key_file=pki.client.key)
-    assert message == f"tls.cert_file: can't read {path}: No such file or directory"
+    assert message == f"output.tls.cert_file: can't read {path}: No such file or directory"
 
 
 def test_missing_key_file(pki: PKI, tmp_path: Path) -> None:
     path = tmp_path / "client.key"
     message = _config_error(cert_file=pki.client.cert, key_file=path)
-    assert message == f"tls.key_file: can't read {path}: No such file or directory"
+    assert message == f"output.tls.key_file: can't read {path}: No such file or directory"
 
 
 def test_key_file_that_holds_a_certificate(pki: PKI) -> None:
     message = _config_error(cert_file=pki.client.cert, key_file=pki.client.cert)
-    assert message.startswith(f"tls.key_file: {pki.client.cert} holds no PEM private key")
+    assert message.startswith(f"output.tls.key_file: {pki.client.cert} holds no PEM private key")
 
 
 def test_cert_file_that_holds_a_key(pki: PKI) -> None:
     message = _config_error(cert_file=pki.client.key, key_file=pki.client.key)
-    assert message.startswith(f"tls.cert_file: {pki.client.key} holds no PEM certificate")
+    assert message.startswith(f"output.tls.cert_file: {pki.client.key} holds no PEM certificate")
 
 
 def test_key_that_does_not_match_the_certificate(pki: PKI) -> None:
     message = _config_error(cert_file=pki.client.cert, key_file=pki.server.key)
     assert message == (
-        f"tls.key_file: the key in {pki.server.key} does not match the certificate in "
-        f"tls.cert_file {pki.client.cert}"
+        f"output.tls.key_file: the key in {pki.server.key} does not match the certificate in "
+        f"output.tls.cert_file {pki.client.cert}"
     )
 
 
@@ -416,7 +417,7 @@ def test_encrypted_key_is_refused_without_a_prompt(pki: PKI, tmp_path: Path) -> 
     )
     message = _config_error(cert_file=pki.client.cert, key_file=encrypted)
     assert message == (
-        f"tls.key_file: the key in {encrypted} is encrypted with a passphrase; "
+        f"output.tls.key_file: the key in {encrypted} is encrypted with a passphrase; "
         "forwarder needs an unencrypted key"
     )
 
@@ -426,7 +427,7 @@ def test_broken_key(pki: PKI, tmp_path: Path) -> None:
     path.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
     message = _config_error(cert_file=pki.client.cert, key_file=path)
     assert message.startswith(
-        f"tls.cert_file {pki.client.cert} with tls.key_file {path}: can't load them: "
+        f"output.tls.cert_file {pki.client.cert} with output.tls.key_file {path}: can't load them: "
     )
 
 
@@ -496,7 +497,7 @@ def _ssl_error(reason: str, text: str) -> ssl.SSLError:
         (ConnectionResetError(104, "Connection reset by peer"), "the server reset the connection"),
         (OSError(113, "No route to host"), "No route to host"),
         (ConnectionResetError(), "the server reset the connection"),
-        (TLSConfigError("tls.ca_file: can't read /x"), "tls.ca_file: can't read /x"),
+        (TLSConfigError("output.tls.ca_file: can't read /x"), "output.tls.ca_file: can't read /x"),
         (TimeoutError(), "TimeoutError"),
     ],
 )

@@ -55,12 +55,14 @@ def _read(path: Path, key: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise TLSConfigError(f"tls.{key}: can't read {path}: {reason}") from None
+        raise TLSConfigError(f"output.tls.{key}: can't read {path}: {reason}") from None
 
 
 def _check_pem(data: bytes, path: Path, key: str, marker: bytes, what: str) -> None:
     if marker not in data:
-        raise TLSConfigError(f"tls.{key}: {path} holds no PEM {what} (no '{marker.decode()}' line)")
+        raise TLSConfigError(
+            f"output.tls.{key}: {path} holds no PEM {what} (no '{marker.decode()}' line)"
+        )
 
 
 def _load_ca(context: ssl.SSLContext, path: Path) -> None:
@@ -70,7 +72,7 @@ def _load_ca(context: ssl.SSLContext, path: Path) -> None:
         context.load_verify_locations(cafile=str(path))
     except ssl.SSLError as exc:
         raise TLSConfigError(
-            f"tls.ca_file: can't load the CA certificates in {path}: {_ssl_reason(exc)}"
+            f"output.tls.ca_file: can't load the CA certificates in {path}: {_ssl_reason(exc)}"
         ) from None
 
 
@@ -83,7 +85,7 @@ def _load_cert_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path) -
     def no_passphrase() -> str:
         # Called only for an encrypted key; raising here stops OpenSSL from prompting.
         raise TLSConfigError(
-            f"tls.key_file: the key in {key_file} is encrypted with a passphrase; "
+            f"output.tls.key_file: the key in {key_file} is encrypted with a passphrase; "
             "forwarder needs an unencrypted key"
         )
 
@@ -92,12 +94,12 @@ def _load_cert_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path) -
     except ssl.SSLError as exc:
         if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
             raise TLSConfigError(
-                f"tls.key_file: the key in {key_file} does not match the certificate in "
-                f"tls.cert_file {cert_file}"
+                f"output.tls.key_file: the key in {key_file} does not match the certificate in "
+                f"output.tls.cert_file {cert_file}"
             ) from None
         raise TLSConfigError(
-            f"tls.cert_file {cert_file} with tls.key_file {key_file}: can't load them: "
-            f"{_ssl_reason(exc)}"
+            f"output.tls.cert_file {cert_file} with output.tls.key_file {key_file}: "
+            f"can't load them: {_ssl_reason(exc)}"
         ) from None
 
 
