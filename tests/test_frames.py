@@ -759,7 +759,24 @@ def test_joiner_splits_past_max_line_bytes() -> None:
     ]
     assert joiner.pending_bytes == 4
     assert joiner.feed([RawLine(STDOUT, 3, b"OP", False)]) == [LogLine(STDOUT, 3, "KLMNOP")]
-    assert splits == [(STDERR, 10), (STDERR, 10), (STDOUT, 10)]
+    assert splits == [(STDERR, 10), (STDOUT, 10)]  # once per line, not once per cut
+
+
+def test_joiner_reports_a_long_line_once_however_many_pieces() -> None:
+    splits: list[tuple[str, int]] = []
+    joiner = PartialJoiner(1 << 20, lambda source, size: splits.append((source, size)))
+    piece = b"x" * frames.PIECE_BYTES
+    # A 5 MiB line in the engine's 16 KiB pieces, stderr lines between them.
+    out: list[LogLine] = []
+    for n in range(5 * 64):
+        out += joiner.feed([RawLine(STDOUT, 7, piece, True), RawLine(STDERR, 8 + n, b"e", False)])
+    out += joiner.feed([RawLine(STDOUT, 7, b"end", False)])
+    assert [len(x.text) for x in out if x.source == STDOUT] == [1 << 20] * 5 + [3]
+    assert splits == [(STDOUT, 1 << 20)]
+    # The next long line is reported again, and a line that never ends only once.
+    for _ in range(10 * 64):
+        joiner.feed([RawLine(STDOUT, 9, piece, True)])
+    assert splits == [(STDOUT, 1 << 20)] * 2
 
 
 def test_joiner_split_keeps_utf8_sequences_whole() -> None:
