@@ -885,3 +885,27 @@ def test_resume_from_every_position_is_exact_random() -> None:
             else:
                 open_lines.pop(source, None)
         check_every_position(raw)
+
+
+def test_a_corrupt_frame_keeps_the_good_lines_before_it() -> None:
+    good = frame(1, msg("2026-11-25T07:12:34.000000001Z", b"one"))
+    good += frame(2, msg("2026-11-25T07:12:34.000000002Z", b"two"))
+    flipped = b"\x41" + frame(1, msg("2026-11-25T07:12:34.000000003Z", b"three"))[1:]
+    parser = Demuxer()
+    parser.feed(good[:5])  # the first frame's start came in the read before
+    with pytest.raises(EngineStreamError) as info:
+        parser.feed(good[5:] + flipped)
+    assert str(info.value).startswith(f"bad frame header at stream offset {len(good)}: ")
+    assert [(x.source, x.data) for x in info.value.lines] == [(STDOUT, b"one"), (STDERR, b"two")]
+    with pytest.raises(EngineStreamError, match="already broken") as info:
+        parser.feed(b"")
+    assert info.value.lines == []
+
+
+def test_a_corrupt_tty_message_keeps_the_good_lines_before_it() -> None:
+    good = msg("2026-11-25T07:12:34.000000001Z", b"one\r")
+    good += msg("2026-11-25T07:12:34.000000002Z", b"two\r")
+    with pytest.raises(EngineStreamError) as info:
+        TtyReader().feed(good + b"2026-13-25T07:12:34.000000003Z three\r\n")
+    assert f"stream offset {len(good)}" in str(info.value)
+    assert [x.data for x in info.value.lines] == [b"one", b"two"]

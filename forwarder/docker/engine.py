@@ -221,7 +221,7 @@ class Engine:
         follow: bool,
         since: str | None = None,
         until: str | None = None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """The raw body of ``/containers/{id}/logs`` with timestamps, in reads of up to 64 KiB.
 
         On a ``unix://`` or plain ``tcp://`` host the response is read off a socket of its own

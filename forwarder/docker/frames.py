@@ -92,7 +92,15 @@ class LogLine(NamedTuple):
 
 
 class EngineStreamError(Exception):
-    """The engine sent bytes we can't parse; the stream is unusable from here on."""
+    """The engine sent bytes we can't parse; the stream is unusable from here on.
+
+    The message names the stream offset of the bad bytes. ``lines`` holds the messages that
+    the same ``feed()`` completed before them: they are good, and must not be lost with the
+    error (the caller takes them, then reads the stream again from there)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lines: list[RawLine] = []
 
 
 def _show(data: bytes | bytearray | memoryview) -> str:
@@ -197,7 +205,8 @@ class Demuxer:
     """The multiplexed (non-TTY) logs stream -> :class:`RawLine` per frame.
 
     Any split of the input gives the same lines as feeding it whole. After an
-    :class:`EngineStreamError` the stream is unusable and every later call raises again.
+    :class:`EngineStreamError` (whose ``lines`` are the good messages before the bad bytes)
+    the stream is unusable and every later call raises again.
 
     A frame on stream 3 (systemerr) carries an error of the engine's own ("Error grabbing
     logs: ..."), after which the engine goes on; it goes to ``on_engine_error``, or, without
@@ -254,6 +263,7 @@ class Demuxer:
                     buf += memoryview(data)[parsed:]
         except EngineStreamError as exc:
             self._broken = str(exc)
+            exc.lines = out
             raise
         return out
 
@@ -433,6 +443,7 @@ class TtyReader:
             parsed = self._parse(src, final, out)
         except EngineStreamError as exc:
             self._broken = str(exc)
+            exc.lines = out
             raise
         self._offset += parsed
         if parsed < len(src):
