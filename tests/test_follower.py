@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+
 from forwarder.docker.discovery import self_container_id
-from forwarder.docker.follower import ResumeFilter, advance
-from forwarder.docker.frames import LogLine
-from forwarder.events import Position
+from forwarder.docker.follower import ResumeFilter, advance, follow_container
+from forwarder.docker.frames import PIECE_BYTES, LogLine, RawLine
+from forwarder.events import ContainerInfo, Position
 
 
 def lines(*stamps: int) -> list[LogLine]:
@@ -56,3 +61,47 @@ def test_self_container_id_from_cgroup_and_mountinfo(tmp_path: Path) -> None:
     assert self_container_id(tmp_path) == cid
     (tmp_path / "mountinfo").write_text("1 2 0:3 / / rw - ext4 x rw\n")
     assert self_container_id(tmp_path) is None
+
+
+class PiecesSource:
+    """A log stream of canned batches of engine messages."""
+
+    def __init__(self, *batches: list[RawLine]) -> None:
+        self.batches = batches
+
+    async def read(
+        self, container: ContainerInfo, *, since: str | None, follow: bool
+    ) -> AsyncIterator[list[RawLine]]:
+        for batch in self.batches:
+            yield batch
+
+
+def test_a_long_line_is_logged_once_not_once_per_piece(caplog: pytest.LogCaptureFixture) -> None:
+    piece = RawLine("stdout", 7, b"x" * PIECE_BYTES, True)
+    # A 5 MiB line, a read of 64 pieces (1 MiB) at a time, then a short line.
+    batches = [[piece] * 64 for _ in range(5)]
+    batches.append([RawLine("stdout", 7, b"end", False), RawLine("stdout", 8, b"next", False)])
+    got: list[LogLine] = []
+
+    async def sink(container: ContainerInfo, lines: list[LogLine], position: Position) -> None:
+        got.extend(lines)
+
+    async def main() -> None:
+        await follow_container(
+            ContainerInfo(id="ab" * 32, name="/web"),
+            PiecesSource(*batches),
+            sink,
+            position=None,
+            since=None,
+            follow=True,
+            max_line_bytes=1 << 20,
+            on_position=lambda position: None,
+        )
+
+    with caplog.at_level(logging.WARNING, logger="forwarder.docker.follower"):
+        asyncio.run(main())
+    assert [len(line.text) for line in got] == [1 << 20] * 5 + [3, 4]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        "container /web: a stdout line is longer than max_line_bytes; split after 1048576 bytes"
+    ]

@@ -759,7 +759,24 @@ def test_joiner_splits_past_max_line_bytes() -> None:
     ]
     assert joiner.pending_bytes == 4
     assert joiner.feed([RawLine(STDOUT, 3, b"OP", False)]) == [LogLine(STDOUT, 3, "KLMNOP")]
-    assert splits == [(STDERR, 10), (STDERR, 10), (STDOUT, 10)]
+    assert splits == [(STDERR, 10), (STDOUT, 10)]  # once per line, not once per cut
+
+
+def test_joiner_reports_a_long_line_once_however_many_pieces() -> None:
+    splits: list[tuple[str, int]] = []
+    joiner = PartialJoiner(1 << 20, lambda source, size: splits.append((source, size)))
+    piece = b"x" * frames.PIECE_BYTES
+    # A 5 MiB line in the engine's 16 KiB pieces, stderr lines between them.
+    out: list[LogLine] = []
+    for n in range(5 * 64):
+        out += joiner.feed([RawLine(STDOUT, 7, piece, True), RawLine(STDERR, 8 + n, b"e", False)])
+    out += joiner.feed([RawLine(STDOUT, 7, b"end", False)])
+    assert [len(x.text) for x in out if x.source == STDOUT] == [1 << 20] * 5 + [3]
+    assert splits == [(STDOUT, 1 << 20)]
+    # The next long line is reported again, and a line that never ends only once.
+    for _ in range(10 * 64):
+        joiner.feed([RawLine(STDOUT, 9, piece, True)])
+    assert splits == [(STDOUT, 1 << 20)] * 2
 
 
 def test_joiner_split_keeps_utf8_sequences_whole() -> None:
@@ -868,3 +885,27 @@ def test_resume_from_every_position_is_exact_random() -> None:
             else:
                 open_lines.pop(source, None)
         check_every_position(raw)
+
+
+def test_a_corrupt_frame_keeps_the_good_lines_before_it() -> None:
+    good = frame(1, msg("2026-11-25T07:12:34.000000001Z", b"one"))
+    good += frame(2, msg("2026-11-25T07:12:34.000000002Z", b"two"))
+    flipped = b"\x41" + frame(1, msg("2026-11-25T07:12:34.000000003Z", b"three"))[1:]
+    parser = Demuxer()
+    parser.feed(good[:5])  # the first frame's start came in the read before
+    with pytest.raises(EngineStreamError) as info:
+        parser.feed(good[5:] + flipped)
+    assert str(info.value).startswith(f"bad frame header at stream offset {len(good)}: ")
+    assert [(x.source, x.data) for x in info.value.lines] == [(STDOUT, b"one"), (STDERR, b"two")]
+    with pytest.raises(EngineStreamError, match="already broken") as info:
+        parser.feed(b"")
+    assert info.value.lines == []
+
+
+def test_a_corrupt_tty_message_keeps_the_good_lines_before_it() -> None:
+    good = msg("2026-11-25T07:12:34.000000001Z", b"one\r")
+    good += msg("2026-11-25T07:12:34.000000002Z", b"two\r")
+    with pytest.raises(EngineStreamError) as info:
+        TtyReader().feed(good + b"2026-13-25T07:12:34.000000003Z three\r\n")
+    assert f"stream offset {len(good)}" in str(info.value)
+    assert [x.data for x in info.value.lines] == [b"one", b"two"]

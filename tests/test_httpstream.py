@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterat
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 import uvloop
 
@@ -33,6 +34,7 @@ from forwarder.docker.engine import (
     EngineError,
     EngineUnavailableError,
     LogsUnsupportedError,
+    _translate,
 )
 from forwarder.docker.frames import Demuxer
 from forwarder.docker.httpstream import (
@@ -676,6 +678,14 @@ def test_error_statuses_translate_as_before(
         await engine.aclose()
 
     run(main())
+
+
+@pytest.mark.parametrize(
+    "exc", [TimeoutError(), aiohttp.ClientConnectionError(), ConnectionResetError()]
+)
+def test_an_error_without_a_message_is_named_by_its_class(exc: Exception) -> None:
+    # An exception object is always truthy: "GET /events: " said nothing about what broke.
+    assert str(_translate(exc, "GET /events")) == f"GET /events: {type(exc).__name__}"
 
 
 def test_bad_request_is_a_plain_engine_error(run: Runner[Any], socket_dir: Path) -> None:

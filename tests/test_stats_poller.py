@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -241,3 +243,25 @@ def test_aclose_ends_every_task() -> None:
         assert all(t.done() for t in tasks)
 
     asyncio.run(main())
+
+
+def test_an_unexpected_error_is_logged_with_its_container_and_sampling_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        engine = FakeEngine([RuntimeError("bad sample"), BUSY[0], stopped_sample()])
+        poller, got = make_poller(engine, 10.0)
+        poller.retry_delays = lambda: itertools.repeat(0.0)
+        poller.interval_s = 0.01
+        poller.start(CONTAINER)
+        await ended(poller)
+        assert engine.calls == ["once"] * 3
+        assert len(got) == 1
+
+    with caplog.at_level(logging.INFO, logger="forwarder.docker"):
+        asyncio.run(main())
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "container /busy: stats failed (RuntimeError: bad sample); sampling again with backoff"
+    ]
+    assert errors[0].exc_info is not None

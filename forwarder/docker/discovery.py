@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from forwarder.docker.engine import (
     LogsUnsupportedError,
 )
 from forwarder.docker.follower import LinesSink, LogSource, follow_container
+from forwarder.docker.frames import EngineStreamError
 from forwarder.events import ContainerId, ContainerInfo, Position
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,11 @@ log = logging.getLogger(__name__)
 _ID_RE = re.compile(r"[0-9a-f]{64}")
 # How far back a reconnect asks for events again; the replayed ones already seen are dropped.
 EVENTS_REPLAY_NS = 1_000_000_000
+
+
+def default_delays() -> Iterator[float]:
+    """The waits before each retry of one piece of work that keeps failing."""
+    return backoff_delays(0.5, 10.0)
 
 
 def self_container_id(proc: Path = Path("/proc/self"), hostname: str | None = None) -> str | None:
@@ -57,6 +63,13 @@ def self_container_id(proc: Path = Path("/proc/self"), hostname: str | None = No
             if match:
                 return match[0]
     return None
+
+
+def _log_if_failed(task: asyncio.Task[None]) -> None:
+    """A backstop: a task whose own handling failed is logged now, not at garbage collection
+    as "Task exception was never retrieved"."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("%s: ended by an error", task.get_name(), exc_info=exc)
 
 
 EventHandler = Callable[[dict[str, Any], ContainerInfo | None], Awaitable[None]]
@@ -86,6 +99,8 @@ class Discovery:
     on_stopped: Callable[[ContainerId], None] | None = None
     """Called on a container's ``die`` and ``destroy`` events."""
     clock_ns: Callable[[], int] = time.time_ns
+    retry_delays: Callable[[], Iterator[float]] = default_delays
+    """Backoff for the events stream and for each follower (tests wait for nothing)."""
     followers: dict[ContainerId, _Followed] = field(default_factory=dict)
     skipped: set[ContainerId] = field(default_factory=set)
     _known: dict[ContainerId, ContainerInfo] = field(default_factory=dict)
@@ -105,8 +120,9 @@ class Discovery:
     # --- main loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        delays = backoff_delays(0.5, 10.0)
+        delays = self.retry_delays()
         failing_since: float | None = None
+        last_error = ""  # an unexpected error is logged with its traceback when it is new
         first = True
         try:
             while True:
@@ -118,7 +134,7 @@ class Discovery:
                             time.monotonic() - failing_since,
                         )
                         failing_since = None
-                        delays = backoff_delays(0.5, 10.0)
+                        delays = self.retry_delays()
                     first = False
                     await self._watch_events()
                     raise EngineUnavailableError("the events stream ended")
@@ -126,7 +142,17 @@ class Discovery:
                     if failing_since is None:
                         failing_since = time.monotonic()
                         log.warning("docker engine: %s; reconnecting with backoff", exc)
-                    await asyncio.sleep(next(delays))
+                except Exception as exc:
+                    # Discovery itself must not die: the followers would go on, but no new
+                    # container would ever be followed. It lists and resumes events again.
+                    error = f"{type(exc).__name__}: {exc}"
+                    log.error(
+                        "discovery failed (%s); listing containers again with backoff",
+                        error,
+                        exc_info=error != last_error,
+                    )
+                    last_error = error
+                await asyncio.sleep(next(delays))
         finally:
             await self.stop_followers()
 
@@ -261,6 +287,7 @@ class Discovery:
         task = asyncio.create_task(
             self._follow(container, position, since), name=f"follow {container.name}"
         )
+        task.add_done_callback(_log_if_failed)
         self.followers[cid] = _Followed(container, task)
         log.info(
             "container %s (%s): following%s",
@@ -272,25 +299,40 @@ class Discovery:
     async def _follow(
         self, container: ContainerInfo, position: Position | None, since: str | None
     ) -> None:
+        """Follow one container until it stops for good or is gone.
+
+        This task owns its container's work: whatever breaks the stream (the engine, a
+        corrupt frame, an error of ours) is logged here once, with the container, and the
+        log is read again from the last position taken, after a backoff."""
         cid = container.cid
-        delays = backoff_delays(0.5, 10.0)
+        delays = self.retry_delays()
+        failures = 0  # unexpected errors in a row: the first is logged with its traceback
 
         def on_position(pos: Position) -> None:
             self.positions[cid] = pos
 
         try:
             while True:
+                before = self.positions.get(cid, position)
                 try:
                     await follow_container(
                         container,
                         self.source,
                         self.sink,
-                        position=self.positions.get(cid, position),
+                        position=before,
                         since=since,
                         follow=container.running,
                         max_line_bytes=self.config.docker.max_line_bytes,
                         on_position=on_position,
                     )
+                    # The stream ended: the container stopped, or the engine went away.
+                    container = await self.engine.inspect(cid)
+                    self._known[cid] = container
+                    if not container.running and cid not in self._restarted:
+                        return
+                    self._restarted.discard(cid)
+                    since = None
+                    continue
                 except LogsUnsupportedError as exc:
                     log.warning(
                         "container %s: its log driver %r can't be read through the API; "
@@ -305,20 +347,29 @@ class Discovery:
                     return
                 except EngineError as exc:
                     log.info("container %s: log stream broke (%s); resuming", container.name, exc)
-                    await asyncio.sleep(next(delays))
-                # The stream ended: the container stopped, or the engine went away. Look again.
-                try:
-                    container = await self.engine.inspect(cid)
-                except ContainerGoneError:
-                    return
-                except EngineError:
-                    await asyncio.sleep(next(delays))
-                    continue
-                self._known[cid] = container
-                if not container.running and cid not in self._restarted:
-                    return
-                self._restarted.discard(cid)
-                since = None
+                except EngineStreamError as exc:
+                    log.warning(
+                        "container %s: corrupt log stream (%s); reading it again from the "
+                        "last line taken",
+                        container.name,
+                        exc,
+                    )
+                except Exception as exc:
+                    failures += 1
+                    log.error(
+                        "container %s: following its log failed (%s: %s); following it again "
+                        "from the last line taken",
+                        container.name,
+                        type(exc).__name__,
+                        exc,
+                        exc_info=failures == 1,
+                    )
+                if self.positions.get(cid, position) != before:
+                    # It got somewhere before it broke: a fresh start for the backoff.
+                    delays = self.retry_delays()
+                    failures = 0
+                # Read again whatever the container's state: a stopped one's rest is unread.
+                await asyncio.sleep(next(delays))
         finally:
             followed = self.followers.get(cid)
             if followed is not None and followed.task is asyncio.current_task():

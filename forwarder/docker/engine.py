@@ -60,8 +60,14 @@ def _translate(exc: BaseException, what: str) -> EngineError:
             return EngineUnavailableError(f"{what}: {message}")
         return EngineError(f"{what}: HTTP {status}: {message}")
     if isinstance(exc, aiohttp.ClientError | OSError | asyncio.IncompleteReadError):
-        return EngineUnavailableError(f"{what}: {exc or type(exc).__name__}")
-    return EngineError(f"{what}: {exc}")
+        return EngineUnavailableError(f"{what}: {describe(exc)}")
+    return EngineError(f"{what}: {describe(exc)}")
+
+
+def describe(exc: BaseException) -> str:
+    """An exception's message, or its class name when it has none: a bare ``TimeoutError()``
+    or ``aiohttp.ClientConnectionError()`` does not log as an empty reason."""
+    return str(exc) or type(exc).__name__
 
 
 def parse_engine_time(text: str | None) -> int:
@@ -215,7 +221,7 @@ class Engine:
         follow: bool,
         since: str | None = None,
         until: str | None = None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """The raw body of ``/containers/{id}/logs`` with timestamps, in reads of up to 64 KiB.
 
         On a ``unix://`` or plain ``tcp://`` host the response is read off a socket of its own

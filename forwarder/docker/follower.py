@@ -8,12 +8,20 @@ source and everything after it (joining, positions, records, output) is shared.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from forwarder.docker.engine import Engine
-from forwarder.docker.frames import Demuxer, LogLine, PartialJoiner, RawLine, TtyReader
+from forwarder.docker.frames import (
+    Demuxer,
+    EngineStreamError,
+    LogLine,
+    PartialJoiner,
+    RawLine,
+    TtyReader,
+)
 from forwarder.events import ContainerInfo, Position
 
 log = logging.getLogger(__name__)
@@ -28,7 +36,11 @@ class LogSource(Protocol):
 
 
 class EngineLogSource:
-    """Reads ``/containers/{id}/logs`` and parses the stream (multiplexed or TTY)."""
+    """Reads ``/containers/{id}/logs`` and parses the stream (multiplexed or TTY).
+
+    Bytes that can't be parsed raise :class:`EngineStreamError` (naming the stream offset)
+    after the good lines of the same read have been yielded, so that they are taken and the
+    position covers them; the stream is then read again from there by the caller."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -37,10 +49,17 @@ class EngineLogSource:
         self, container: ContainerInfo, *, since: str | None, follow: bool
     ) -> AsyncIterator[list[RawLine]]:
         parser: Demuxer | TtyReader = TtyReader() if container.tty else Demuxer()
-        async for data in self.engine.log_bytes(container.id, follow=follow, since=since):
-            lines = parser.feed(data)
-            if lines:
-                yield lines
+        reads = self.engine.log_bytes(container.id, follow=follow, since=since)
+        async with contextlib.aclosing(reads):
+            async for data in reads:
+                try:
+                    lines = parser.feed(data)
+                except EngineStreamError as exc:
+                    if exc.lines:
+                        yield exc.lines
+                    raise
+                if lines:
+                    yield lines
         if isinstance(parser, TtyReader):
             tail = parser.flush()
             if tail:

@@ -92,7 +92,15 @@ class LogLine(NamedTuple):
 
 
 class EngineStreamError(Exception):
-    """The engine sent bytes we can't parse; the stream is unusable from here on."""
+    """The engine sent bytes we can't parse; the stream is unusable from here on.
+
+    The message names the stream offset of the bad bytes. ``lines`` holds the messages that
+    the same ``feed()`` completed before them: they are good, and must not be lost with the
+    error (the caller takes them, then reads the stream again from there)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lines: list[RawLine] = []
 
 
 def _show(data: bytes | bytearray | memoryview) -> str:
@@ -197,7 +205,8 @@ class Demuxer:
     """The multiplexed (non-TTY) logs stream -> :class:`RawLine` per frame.
 
     Any split of the input gives the same lines as feeding it whole. After an
-    :class:`EngineStreamError` the stream is unusable and every later call raises again.
+    :class:`EngineStreamError` (whose ``lines`` are the good messages before the bad bytes)
+    the stream is unusable and every later call raises again.
 
     A frame on stream 3 (systemerr) carries an error of the engine's own ("Error grabbing
     logs: ..."), after which the engine goes on; it goes to ``on_engine_error``, or, without
@@ -254,6 +263,7 @@ class Demuxer:
                     buf += memoryview(data)[parsed:]
         except EngineStreamError as exc:
             self._broken = str(exc)
+            exc.lines = out
             raise
         return out
 
@@ -433,6 +443,7 @@ class TtyReader:
             parsed = self._parse(src, final, out)
         except EngineStreamError as exc:
             self._broken = str(exc)
+            exc.lines = out
             raise
         self._offset += parsed
         if parsed < len(src):
@@ -644,14 +655,25 @@ class PartialJoiner:
     stamped ``ts_ns`` lands just after the last line taken. (Had stderr's line gone out
     first, a position at its timestamp would lose the rest of the stdout line on replay.)
 
-    Limits: a line longer than ``max_line_bytes`` is split there (at a UTF-8 boundary) and
-    ``on_split(source, bytes_emitted)`` is called for each cut. Held-back lines are capped at
-    ``max_held_bytes`` (default ``max_line_bytes``); past it, the unfinished line that holds
-    them is emitted as it is (a split, reported the same way) and its rest becomes a line of
-    its own. Only then can a replay from a position see different lines.
+    Limits: a line longer than ``max_line_bytes`` is split there (at a UTF-8 boundary), and
+    again every ``max_line_bytes``. ``on_split(source, bytes_emitted)`` is called once per
+    line, at its first cut: a line that never ends must not report a cut per MiB forever.
+    Held-back lines are capped at ``max_held_bytes`` (default ``max_line_bytes``); past it,
+    the unfinished line that holds them is emitted as it is (a split, reported the same way)
+    and its rest becomes a line of its own. Only then can a replay from a position see
+    different lines.
     """
 
-    __slots__ = ("_held_bytes", "_max", "_max_held", "_on_split", "_open", "_piece", "_slots")
+    __slots__ = (
+        "_cut_line",
+        "_held_bytes",
+        "_max",
+        "_max_held",
+        "_on_split",
+        "_open",
+        "_piece",
+        "_slots",
+    )
 
     def __init__(
         self,
@@ -670,6 +692,9 @@ class PartialJoiner:
         self._open: dict[str, _Slot] = {}  # the unfinished line of each source
         self._slots: deque[_Slot] = deque()  # output order; empty in the common case
         self._held_bytes = 0  # finished lines waiting behind an unfinished one
+        # Per source, the timestamp of the line whose cut was reported last: every piece of a
+        # line carries its first piece's timestamp, so this says "already reported".
+        self._cut_line: dict[str, int] = {}
 
     @property
     def pending_bytes(self) -> int:
@@ -719,6 +744,7 @@ class PartialJoiner:
                 self._add(slot, data)
                 if not partial:
                     self._close(slot)
+                    self._cut_line.pop(source, None)
             elif partial:
                 slot = _Slot(source, ts_ns)
                 slots.append(slot)
@@ -741,21 +767,30 @@ class PartialJoiner:
             while self._held_bytes > self._max_held and slots:
                 # Too much waits behind an unfinished line: let it go as it is.
                 head = slots[0]
-                if head.pieces and self._on_split is not None:
-                    self._on_split(head.source, head.size)
+                if head.pieces:
+                    self._report_cut(head.source, head.ts_ns, head.size)
                 self._close(head)
                 self._drain(out)
         return out
 
     def _emit(self, source: str, ts_ns: int, data: bytes, into: list[LogLine]) -> None:
         """One finished line (split if too long) into ``into``."""
-        while len(data) > self._max:
-            cut = _cut_point(data, self._max)
-            into.append(LogLine(source, ts_ns, data[:cut].decode("utf-8", "replace")))
-            if self._on_split is not None:
-                self._on_split(source, cut)
-            data = data[cut:]
+        if len(data) > self._max:
+            self._report_cut(source, ts_ns, _cut_point(data, self._max))
+            while len(data) > self._max:
+                cut = _cut_point(data, self._max)
+                into.append(LogLine(source, ts_ns, data[:cut].decode("utf-8", "replace")))
+                data = data[cut:]
         into.append(LogLine(source, ts_ns, data.decode("utf-8", "replace")))
+        self._cut_line.pop(source, None)  # the line has ended
+
+    def _report_cut(self, source: str, ts_ns: int, size: int) -> None:
+        """Tell ``on_split`` of a cut, unless this line's first cut was told already."""
+        if self._cut_line.get(source) == ts_ns:
+            return
+        self._cut_line[source] = ts_ns
+        if self._on_split is not None:
+            self._on_split(source, size)
 
     def _add(self, slot: _Slot, data: bytes) -> None:
         slot.full = len(data) == self._piece
@@ -772,8 +807,7 @@ class PartialJoiner:
             )
             slot.done_bytes += cut
             self._held_bytes += cut
-            if self._on_split is not None:
-                self._on_split(slot.source, cut)
+            self._report_cut(slot.source, slot.ts_ns, cut)
             joined = joined[cut:]
         slot.pieces = [joined]
         slot.size = len(joined)

@@ -13,7 +13,8 @@ cheapest at 10 s):
   a second, and every Nth is shipped (N = interval / 1 s, rounded, at least 1).
 
 A task ends when the container stops (a sample without a reading) or is gone (404), and when
-discovery says so (:meth:`StatsPoller.stop`). Engine errors are retried with backoff.
+discovery says so (:meth:`StatsPoller.stop`). Engine errors are retried with backoff; so is
+an unexpected error, which is logged first, with its container.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 from forwarder.backoff import backoff_delays
@@ -83,6 +84,7 @@ class StatsPoller:
         tag: Template,
         sink: RecordsSink,
         clock_ns: Callable[[], int] = time.time_ns,
+        retry_delays: Callable[[], Iterator[float]] = lambda: backoff_delays(0.5, 10.0),
     ) -> None:
         if interval_s <= 0:
             raise ValueError("the stats interval must be positive (0 turns stats off)")
@@ -92,6 +94,7 @@ class StatsPoller:
         self.tag = tag
         self.sink = sink
         self.clock_ns = clock_ns
+        self.retry_delays = retry_delays
         self.tasks: dict[ContainerId, asyncio.Task[None]] = {}
         # Deliveries that a stop() interrupted: they run to the end, so that no chunk the
         # chunker sealed is lost half-way into the buffer (see _ship).
@@ -109,7 +112,9 @@ class StatsPoller:
         cid = container.cid
         if not container.running or cid in self.tasks:
             return
-        self.tasks[cid] = asyncio.create_task(self._run(container), name=f"stats {container.name}")
+        task = asyncio.create_task(self._run(container), name=f"stats {container.name}")
+        task.add_done_callback(_log_if_failed)
+        self.tasks[cid] = task
 
     def stop(self, cid: ContainerId) -> None:
         """Stop sampling ``cid`` (it stopped, or is gone); the task ends at its next await."""
@@ -133,7 +138,8 @@ class StatsPoller:
         cid = container.cid
         sampler = StatsSampler(container)
         tag = self.tag(container)
-        delays = backoff_delays(0.5, 10.0)
+        delays = self.retry_delays()
+        last_error = ""  # an unexpected error is logged with its traceback when it is new
         try:
             while True:
                 try:
@@ -141,16 +147,21 @@ class StatsPoller:
                         await self._stream(sampler, tag)
                     else:
                         await self._poll(sampler, tag)
-                except ContainerGoneError:
+                except (_Stopped, ContainerGoneError):
                     return
                 except EngineError as exc:
                     log.debug("container %s: stats: %s; retrying", container.name, exc)
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                    log.error(
+                        "container %s: stats failed (%s); sampling again with backoff",
+                        container.name,
+                        error,
+                        exc_info=error != last_error,
+                    )
+                    last_error = error
                 # A break, or a stream that ended without a last sample: look again.
                 await asyncio.sleep(next(delays))
-        except _Stopped:
-            pass
-        except Exception:
-            log.exception("container %s: stats stopped by an internal error", container.name)
         finally:
             if self.tasks.get(cid) is asyncio.current_task():
                 del self.tasks[cid]
@@ -198,5 +209,16 @@ class StatsPoller:
             if not delivery.done():
                 self._shipping.add(delivery)
                 delivery.add_done_callback(self._shipping.discard)
+                if isinstance(delivery, asyncio.Task):
+                    delivery.set_name(f"stats {sampler.container.name}: a record's delivery")
+                delivery.add_done_callback(_log_if_failed)
             raise
         self.records_out += 1
+
+
+def _log_if_failed(task: asyncio.Future[None]) -> None:
+    """A backstop: a task that still ends by an exception is logged now, not at garbage
+    collection as "Task exception was never retrieved"."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        name = task.get_name() if isinstance(task, asyncio.Task) else "stats"
+        log.error("%s: ended by an error", name, exc_info=exc)
