@@ -12,7 +12,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from forwarder.docker.frames import Demuxer, PartialJoiner, RawLine, TtyReader
+from forwarder.docker.frames import Demuxer, PartialJoiner, TtyReader
+from forwarder.records import RawLine
 
 CHUNK_BYTES = 64 * 1024
 LINE = (

@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from forwarder.chunks import Chunk, Chunker  # noqa: E402
 from forwarder.config import config_from_dict  # noqa: E402
-from forwarder.docker.frames import LogLine  # noqa: E402
 from forwarder.forward import connection  # noqa: E402
 from forwarder.forward.output import ForwardOutput  # noqa: E402
 from forwarder.forward.protocol import encode_log_entries  # noqa: E402
+from forwarder.records import LogLine  # noqa: E402
 
 
 def make_chunks(count: int) -> list[Chunk]:

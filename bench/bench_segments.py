@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from forwarder.chunks import ChunkId  # noqa: E402
-from forwarder.events import ContainerId, Position  # noqa: E402
+from forwarder.records import ContainerId, Position  # noqa: E402
 from forwarder.segments import SegmentStore, StoredChunk  # noqa: E402
 
 MIB = 1 << 20

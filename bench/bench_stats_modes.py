@@ -43,7 +43,7 @@ from typing import Any
 import aiohttp
 
 from forwarder.docker.stats import StatsSampler
-from forwarder.events import ContainerInfo
+from forwarder.records import ContainerInfo
 
 API = "http://docker/v1.41"
 LABEL = "forwarder.bench"

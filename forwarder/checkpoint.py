@@ -18,8 +18,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from forwarder.events import ContainerId, Position
 from forwarder.fsutil import fsync_directory
+from forwarder.records import ContainerId, Position
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import NewType
 
-from forwarder.events import ContainerId, Position
 from forwarder.forward.protocol import encode_message
+from forwarder.records import ContainerId, Position
 
 ChunkId = NewType("ChunkId", str)
 

@@ -23,10 +23,8 @@ from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.docker.engine import Engine
 from forwarder.docker.follower import EngineLogSource, advance
-from forwarder.docker.frames import LogLine
 from forwarder.docker.lifecycle import event_container, lifecycle_record
 from forwarder.docker.stats_poller import StatsPoller
-from forwarder.events import ContainerId, ContainerInfo, Position
 from forwarder.forward.output import ForwardOutput
 from forwarder.forward.protocol import (
     decode_entries,
@@ -34,6 +32,7 @@ from forwarder.forward.protocol import (
     encode_log_entries,
 )
 from forwarder.forward.setup import handshake_factory
+from forwarder.records import ContainerId, ContainerInfo, LogLine, Position
 from forwarder.tags import compile_template
 
 log = logging.getLogger(__name__)

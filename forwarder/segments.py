@@ -79,8 +79,8 @@ from typing import Final
 import msgpack
 
 from forwarder.chunks import ChunkId
-from forwarder.events import ContainerId, Position
 from forwarder.fsutil import fsync_directory
+from forwarder.records import ContainerId, Position
 
 log = logging.getLogger(__name__)
 

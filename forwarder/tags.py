@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from forwarder.events import ContainerInfo
+from forwarder.records import ContainerInfo
 
 _FIELD_RE = re.compile(r"\{\{\s*\.([A-Za-z]+)\s*\}\}")
 _ANY_ACTION_RE = re.compile(r"\{\{|\}\}")

@@ -11,7 +11,7 @@ import pytest
 
 from forwarder.buffer import ChunkBuffer, open_store
 from forwarder.chunks import Chunk, new_chunk_id
-from forwarder.events import ContainerId, Position
+from forwarder.records import ContainerId, Position
 from forwarder.segments import SegmentStore
 
 T = TypeVar("T")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from forwarder.checkpoint import PositionStore, PositionTracker
-from forwarder.events import ContainerId, Position
+from forwarder.records import ContainerId, Position
 
 A, B = ContainerId("a" * 64), ContainerId("b" * 64)
 

@@ -7,7 +7,7 @@ import base64
 import msgpack
 
 from forwarder.chunks import Chunker, new_chunk_id
-from forwarder.events import ContainerId, Position
+from forwarder.records import ContainerId, Position
 
 
 def test_chunk_ids_are_unique_base64() -> None:

@@ -8,8 +8,7 @@ from typing import Any
 
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
-from forwarder.docker.frames import LogLine, RawLine
-from forwarder.events import ContainerId, ContainerInfo, Position
+from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RawLine
 
 CID = "ab" * 32
 

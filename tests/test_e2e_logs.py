@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from forwarder.docker.frames import Demuxer
-from forwarder.events import LogEvent
+from forwarder.records import LogEvent
 from tests.harness.collector import CollectorProcess
 from tests.harness.engine import Engine
 from tests.harness.receivers import ForwardReceiver, NodeReceiver

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from forwarder.events import LifecycleAction, LifecycleEvent, StatsEvent
+from forwarder.records import LifecycleAction, LifecycleEvent, StatsEvent
 from tests.harness.collector import CollectorProcess
 from tests.harness.engine import Engine
 from tests.harness.polling import wait_until

@@ -11,8 +11,8 @@ import pytest
 
 from forwarder.docker.discovery import self_container_id
 from forwarder.docker.follower import ResumeFilter, advance, follow_container
-from forwarder.docker.frames import PIECE_BYTES, LogLine, RawLine
-from forwarder.events import ContainerInfo, Position
+from forwarder.docker.frames import PIECE_BYTES
+from forwarder.records import ContainerInfo, LogLine, Position, RawLine
 
 
 def lines(*stamps: int) -> list[LogLine]:

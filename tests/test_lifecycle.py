@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from forwarder.docker.lifecycle import LIFECYCLE_ACTIONS, event_container, lifecycle_record
-from forwarder.events import ContainerInfo, LifecycleEvent
+from forwarder.records import ContainerInfo, LifecycleEvent
 
 RECORDING = Path(__file__).parent / "data" / "events" / "engine-20.10.jsonl"
 IMAGE = "forwarder-test/busybox:latest"

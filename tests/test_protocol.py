@@ -8,8 +8,6 @@ import msgpack
 import pytest
 
 from forwarder.chunks import Chunk, ChunkId, new_chunk_id
-from forwarder.docker.frames import LogLine
-from forwarder.events import EventTime, LogEvent
 from forwarder.forward.handshake import (
     AuthRefusedError,
     ClientHandshake,
@@ -33,6 +31,7 @@ from forwarder.forward.protocol import (
     encode_message,
     event_time,
 )
+from forwarder.records import EventTime, LogEvent, LogLine
 
 CID = "0123456789abcdef" * 4
 

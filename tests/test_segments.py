@@ -17,7 +17,7 @@ import msgpack
 import pytest
 
 from forwarder.chunks import ChunkId
-from forwarder.events import ContainerId, Position
+from forwarder.records import ContainerId, Position
 from forwarder.segments import (
     HEADER_BYTES,
     MAGIC,

@@ -19,7 +19,7 @@ from forwarder.docker.stats import (
     read_time,
     stats_event,
 )
-from forwarder.events import ContainerInfo, EventTime, StatsEvent
+from forwarder.records import ContainerInfo, EventTime, StatsEvent
 
 DATA = Path(__file__).parent / "data" / "stats"
 

@@ -16,7 +16,7 @@ import pytest
 from forwarder.docker.engine import ContainerGoneError, EngineUnavailableError
 from forwarder.docker.stats import read_time
 from forwarder.docker.stats_poller import StatsMode, StatsPoller, stream_every
-from forwarder.events import ContainerId, ContainerInfo, StatsEvent
+from forwarder.records import ContainerId, ContainerInfo, StatsEvent
 from forwarder.tags import compile_template
 
 DATA = Path(__file__).parent / "data" / "stats"

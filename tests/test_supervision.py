@@ -15,8 +15,7 @@ import pytest
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.docker.follower import EngineLogSource
-from forwarder.docker.frames import LogLine, RawLine
-from forwarder.events import ContainerId, ContainerInfo, Position
+from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RawLine
 
 CID = ContainerId("ab" * 32)
 S = 1_000_000_000

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from forwarder.events import ContainerInfo
+from forwarder.records import ContainerInfo
 from forwarder.tags import TemplateError, compile_template
 
 C = ContainerInfo(

@@ -33,7 +33,7 @@ from forwarder.docker.engine import (
 )
 from forwarder.docker.follower import LinesSink, LogSource, follow_container
 from forwarder.docker.frames import EngineStreamError
-from forwarder.events import ContainerId, ContainerInfo, Position
+from forwarder.records import ContainerId, ContainerInfo, Position
 
 log = logging.getLogger(__name__)
 

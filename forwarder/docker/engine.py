@@ -22,7 +22,7 @@ import aiodocker
 import aiohttp
 
 from forwarder.docker import httpstream
-from forwarder.events import ContainerId, ContainerInfo
+from forwarder.records import ContainerId, ContainerInfo
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from forwarder.docker.frames import (
     RawLine,
     TtyReader,
 )
-from forwarder.events import ContainerInfo, Position
+from forwarder.records import ContainerInfo, Position
 
 log = logging.getLogger(__name__)
 

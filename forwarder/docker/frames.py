@@ -28,7 +28,9 @@ import re
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Final, NamedTuple
+from typing import Final
+
+from forwarder.records import LogLine, RawLine
 
 __all__ = [
     "STDERR",
@@ -66,29 +68,6 @@ _header = struct.Struct(">LL")
 _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__: the hot path
 _STDOUT_WORD: Final = 0x01000000
 _STDERR_WORD: Final = 0x02000000
-
-
-class RawLine(NamedTuple):
-    """One engine message: a whole line, or a piece of a long one."""
-
-    source: str
-    """``"stdout"`` or ``"stderr"`` (the :data:`STDOUT`/:data:`STDERR` constants)."""
-    ts_ns: int
-    """The engine timestamp, nanoseconds since the epoch."""
-    data: bytes
-    """The message without its timestamp and without the trailing ``\\n`` (``\\r\\n`` on a TTY)."""
-    partial: bool
-    """True when the message had no trailing newline: a piece of a longer line, or a tail."""
-
-
-class LogLine(NamedTuple):
-    """One whole (joined) line, decoded."""
-
-    source: str
-    ts_ns: int
-    """The timestamp of the line's first piece, which is also that of all its pieces."""
-    text: str
-    """UTF-8 decoded, invalid bytes replaced by U+FFFD."""
 
 
 class EngineStreamError(Exception):

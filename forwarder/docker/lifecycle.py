@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, cast, get_args
 
-from forwarder.events import ContainerInfo, LifecycleAction, LifecycleEvent
+from forwarder.records import ContainerInfo, LifecycleAction, LifecycleEvent
 
 __all__ = ["LIFECYCLE_ACTIONS", "event_attributes", "event_container", "lifecycle_record"]
 

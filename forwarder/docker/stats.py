@@ -42,7 +42,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from forwarder.events import ContainerInfo, EventTime, StatsEvent
+from forwarder.records import ContainerInfo, EventTime, StatsEvent
 
 __all__ = [
     "NetworkTotals",

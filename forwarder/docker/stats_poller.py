@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from forwarder.backoff import backoff_delays
 from forwarder.docker.engine import ContainerGoneError, EngineError
 from forwarder.docker.stats import StatsSampleError, StatsSampler, read_time
-from forwarder.events import ContainerId, ContainerInfo
+from forwarder.records import ContainerId, ContainerInfo
 from forwarder.tags import Template
 
 __all__ = ["ENGINE_PERIOD_S", "ONESHOT_FROM_S", "StatsMode", "StatsPoller", "stream_every"]

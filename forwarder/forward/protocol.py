@@ -24,8 +24,8 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import msgpack
 
-from forwarder.events import EventTime
 from forwarder.forward.handshake import ClientHandshake
+from forwarder.records import EventTime
 
 EVENT_TIME_EXT = 0
 _EVENT_TIME = struct.Struct(">II")
@@ -108,7 +108,7 @@ def encode_log_entries(
     container_id: str, container_name: str, lines: Sequence[LogLineLike]
 ) -> bytes:
     """Concatenated log entries with exactly the keys Docker's fluentd driver sends, in
-    :class:`~forwarder.events.LogEvent`'s order.
+    :class:`~forwarder.records.LogEvent`'s order.
 
     Everything but the time, the source and the text is the same for every line of a batch,
     so it is packed once; per line there is one ``struct`` call and one msgpack call (both

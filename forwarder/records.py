@@ -52,6 +52,29 @@ class Position(NamedTuple):
         return f"{seconds}.{ns:09d}"
 
 
+class RawLine(NamedTuple):
+    """One engine message: a whole line, or a piece of a long one."""
+
+    source: str
+    """``"stdout"`` or ``"stderr"`` (the :data:`STDOUT`/:data:`STDERR` constants)."""
+    ts_ns: int
+    """The engine timestamp, nanoseconds since the epoch."""
+    data: bytes
+    """The message without its timestamp and without the trailing ``\\n`` (``\\r\\n`` on a TTY)."""
+    partial: bool
+    """True when the message had no trailing newline: a piece of a longer line, or a tail."""
+
+
+class LogLine(NamedTuple):
+    """One whole (joined) line, decoded."""
+
+    source: str
+    ts_ns: int
+    """The timestamp of the line's first piece, which is also that of all its pieces."""
+    text: str
+    """UTF-8 decoded, invalid bytes replaced by U+FFFD."""
+
+
 class ContainerInfo(BaseModel):
     """What forwarder knows about a container, from list and inspect."""
 
