@@ -33,6 +33,7 @@ from forwarder.docker.engine import (
 from forwarder.docker.follower import LinesSink, LogSource, follow_container
 from forwarder.events import ContainerId, ContainerInfo, Position
 from forwarder.forward.client import backoff_delays
+from forwarder.timefmt import format_duration, format_time
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,8 @@ class Discovery:
                     await self._sync(first)
                     if failing_since is not None:
                         log.info(
-                            "docker engine: reachable again after %.1fs",
-                            time.monotonic() - failing_since,
+                            "docker engine: reachable again after %s",
+                            format_duration(time.monotonic() - failing_since),
                         )
                         failing_since = None
                         delays = backoff_delays(0.5, 10.0)
@@ -266,7 +267,9 @@ class Discovery:
             "container %s (%s): following%s",
             container.name,
             cid[:12],
-            f" from {position.since_param()}" if position else (" from now" if since else ""),
+            f" from {format_time(position.ts_ns)}"
+            if position
+            else (f" from now ({format_time(self._started_ns)})" if since else ""),
         )
 
     async def _follow(
