@@ -1,0 +1,54 @@
+"""The counts the status line and the last log line show: log lines and records by kind."""
+
+from __future__ import annotations
+
+from forwarder.docker.frames import LogLine
+from forwarder.events import LifecycleEvent, StatsEvent
+from forwarder.forward.protocol import encode_entries, encode_log_entries, encode_message
+from forwarder.pipeline import kind_of_payload
+
+CID = "c" * 64
+
+
+def _stats() -> dict[str, object]:
+    return StatsEvent(
+        container_id=CID,
+        container_name="/web",
+        image="busybox",
+        memory_usage_bytes=1,
+        memory_limit_bytes=2,
+        memory_percent=50.0,
+        network_rx_bytes=0,
+        network_tx_bytes=0,
+        network_rx_packets=0,
+        network_tx_packets=0,
+        block_read_bytes=0,
+        block_write_bytes=0,
+        pids=1,
+    ).record()
+
+
+def test_a_chunk_read_back_from_disk_is_counted_by_its_kind() -> None:
+    """The disk buffer keeps no kind: it is told from the records, compressed or not."""
+    logs = encode_log_entries(CID, "/web", [LogLine("stdout", 1, "hello")])
+    stats = encode_entries([(1, _stats())])
+    lifecycle = encode_entries(
+        [
+            (
+                1,
+                LifecycleEvent(
+                    action="die", container_id=CID, container_name="/web", image="b"
+                ).record(),
+            )
+        ]
+    )
+    for compress in (False, True):
+        payloads = {
+            kind: encode_message("t", entries, 1, chunk_id=None, compress=compress)
+            for kind, entries in (("log", logs), ("stats", stats), ("lifecycle", lifecycle))
+        }
+        assert {kind: kind_of_payload(p) for kind, p in payloads.items()} == {
+            "log": "log",
+            "stats": "stats",
+            "lifecycle": "lifecycle",
+        }
