@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 from forwarder.docker.frames import LogLine
 from forwarder.events import LifecycleEvent, StatsEvent
 from forwarder.forward.protocol import encode_entries, encode_log_entries, encode_message
@@ -52,3 +55,23 @@ def test_a_chunk_read_back_from_disk_is_counted_by_its_kind() -> None:
             "stats": "stats",
             "lifecycle": "lifecycle",
         }
+
+
+def test_the_readme_shows_every_status_field_and_explains_each(tmp_path: Path) -> None:
+    from forwarder.config import config_from_dict
+    from forwarder.pipeline import Pipeline
+
+    async def fields() -> list[str]:
+        config = config_from_dict({"state": {"dir": str(tmp_path)}}, env={})
+        pipeline = Pipeline(config)
+        try:
+            return list(pipeline.status())
+        finally:
+            await pipeline.engine.aclose()
+
+    keys = asyncio.run(fields())
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = readme.split("\nstatus: ", 1)[1].split("```", 1)[0]
+    assert [item.split("=")[0] for item in example.split()] == keys
+    for key in keys:
+        assert f"`{key}`" in readme.split("| field | meaning |", 1)[1].split("\n\n", 1)[0], key
