@@ -116,7 +116,7 @@ class Discovery:
                     if failing_since is not None:
                         log.info(
                             "docker engine: reachable again after %s",
-                            format_duration(time.monotonic() - failing_since),
+                            format_duration(round(time.monotonic() - failing_since, 1)),
                         )
                         failing_since = None
                         delays = backoff_delays(0.5, 10.0)
