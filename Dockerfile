@@ -1,10 +1,13 @@
-# forwarder: one per Docker host, with the engine's socket mounted.
-#   docker build -t forwarder .
+# forwarder: one per Docker host, with the engine's socket mounted (read-only; access to it
+# is root-equivalent, see the README's "Security" section).
+#   docker build -t forwarder:0.1.0 .
 #   docker run -d --name forwarder \
 #     -v /var/run/docker.sock:/var/run/docker.sock:ro \
 #     -v /var/lib/forwarder:/var/lib/forwarder \
-#     -v /etc/forwarder/forwarder.toml:/etc/forwarder/forwarder.toml:ro \
-#     forwarder
+#     -e FORWARD_SERVER=tcp://fluentd.example:24224 \
+#     forwarder:0.1.0
+# The built-in config (conf/docker.toml) takes the aggregator from FORWARD_SERVER; mount your
+# own over /etc/forwarder/forwarder.toml for more.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -14,7 +17,7 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 FROM python:3.11-slim
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-COPY conf/forwarder.toml /etc/forwarder/forwarder.toml
+COPY conf/docker.toml /etc/forwarder/forwarder.toml
 VOLUME ["/var/lib/forwarder"]
 # The positions and disk buffer live in /var/lib/forwarder: keep it on the host, so that a new
 # forwarder container resumes where the old one stopped.

@@ -97,7 +97,14 @@ class ChunkBuffer:
         return len(self._disk)
 
     @property
+    def disk_chunk_bytes(self) -> int:
+        """Payload bytes of the chunks queued on disk (``disk_chunks``)."""
+        return sum(entry.meta.payload_bytes for entry in self._disk)
+
+    @property
     def disk_bytes(self) -> int:
+        """The segment files' size: delivered chunks count until their segment is deleted,
+        which happens once a newer segment has started, or at shutdown."""
         return self.store.bytes_used if self.store else 0
 
     def _memory_full_for(self, size: int) -> bool:
@@ -322,11 +329,24 @@ class ChunkBuffer:
                 self.store.release(chunk.chunk_id)
             self._changed.notify_all()
 
+    def _empty(self) -> bool:
+        return self._held == 0 and not self._disk and not self._memory
+
+    def _all_on_disk(self) -> bool:
+        """No server took a chunk since the last stall, and everything queued is durable on
+        disk (the output holds nothing while it waits for a server): a restart replays it."""
+        return self._stalled and not self._memory and not self._pending
+
     async def wait_empty(self) -> None:
         async with self._changed:
-            await self._changed.wait_for(
-                lambda: self._held == 0 and not self._disk and not self._memory
-            )
+            await self._changed.wait_for(self._empty)
+
+    async def wait_safe(self) -> bool:
+        """Until everything is delivered (True), or nothing held is at risk any more because
+        no server takes chunks and everything left is on disk (False)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._empty() or self._all_on_disk())
+            return self._empty()
 
     async def close(self) -> int:
         """Stopping: write what is only in memory to disk, so that the next start delivers

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import NewType
 
 from forwarder.forward.protocol import encode_message
-from forwarder.records import ContainerId, Position
+from forwarder.records import ContainerId, Position, RecordKind
 
 ChunkId = NewType("ChunkId", str)
 
@@ -36,6 +36,7 @@ class Chunk:
     count: int
     positions: dict[ContainerId, Position] = field(default_factory=dict)
     stored: bool = False  # written to the disk buffer: durable, and released when delivered
+    kind: RecordKind | None = None  # None: read back from the disk buffer, which keeps no kind
 
     @property
     def size(self) -> int:
@@ -43,7 +44,9 @@ class Chunk:
 
 
 class Chunker:
-    """Groups entries by tag into chunks, sealed by size or age. Sans-I/O: the caller passes
+    """Groups entries by tag and kind into chunks, sealed by size or age. (Two kinds can
+    share a tag when the tag templates say so; a chunk still holds one kind, so it can be
+    counted by kind.) Sans-I/O: the caller passes
     the clock reading (``now``, seconds, monotonic) and decides when to ask for due chunks."""
 
     def __init__(
@@ -60,7 +63,7 @@ class Chunker:
         self._interval = flush_interval_s
         self._require_ack = require_ack
         self._compress = compress
-        self._open: dict[str, _OpenChunk] = {}
+        self._open: dict[tuple[str, RecordKind], _OpenChunk] = {}
         self._seq = 0
 
     def add(
@@ -70,31 +73,33 @@ class Chunker:
         count: int,
         now: float,
         position: tuple[ContainerId, Position] | None = None,
+        kind: RecordKind = "log",
     ) -> list[Chunk]:
         """Add encoded entries; returns the chunks this sealed (when the limit was reached)."""
         sealed: list[Chunk] = []
-        current = self._open.get(tag)
+        key = (tag, kind)
+        current = self._open.get(key)
         if current is not None and current.size + len(entries) > self._limit:
-            sealed.append(self._seal(tag))
+            sealed.append(self._seal(key))
             current = None
         if current is None:
-            current = self._open[tag] = _OpenChunk(opened_at=now)
+            current = self._open[key] = _OpenChunk(opened_at=now)
         current.parts.append(entries)
         current.size += len(entries)
         current.count += count
         if position is not None:
             current.positions[position[0]] = position[1]
         if current.size >= self._limit:
-            sealed.append(self._seal(tag))
+            sealed.append(self._seal(key))
         return sealed
 
     def due(self, now: float) -> list[Chunk]:
         """Chunks whose oldest entry has waited ``flush_interval``."""
-        tags = [t for t, c in self._open.items() if now - c.opened_at >= self._interval]
-        return [self._seal(tag) for tag in tags]
+        keys = [k for k, c in self._open.items() if now - c.opened_at >= self._interval]
+        return [self._seal(key) for key in keys]
 
     def flush_all(self) -> list[Chunk]:
-        return [self._seal(tag) for tag in list(self._open)]
+        return [self._seal(key) for key in list(self._open)]
 
     def next_deadline(self) -> float | None:
         if not self._open:
@@ -105,8 +110,9 @@ class Chunker:
     def pending_bytes(self) -> int:
         return sum(c.size for c in self._open.values())
 
-    def _seal(self, tag: str) -> Chunk:
-        current = self._open.pop(tag)
+    def _seal(self, key: tuple[str, RecordKind]) -> Chunk:
+        tag, kind = key
+        current = self._open.pop(key)
         self._seq += 1
         chunk_id = new_chunk_id()
         payload = encode_message(
@@ -116,7 +122,7 @@ class Chunker:
             chunk_id=chunk_id if self._require_ack else None,
             compress=self._compress,
         )
-        return Chunk(self._seq, chunk_id, tag, payload, current.count, current.positions)
+        return Chunk(self._seq, chunk_id, tag, payload, current.count, current.positions, kind=kind)
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from forwarder import __version__
 from forwarder.config import Config, ConfigError, load_config
+from forwarder.timefmt import format_duration
 
 if TYPE_CHECKING:
     from forwarder.pipeline import Pipeline
@@ -129,15 +130,17 @@ async def _run(config: Config) -> int:
     if failed:
         log.error("stopping after an internal error", exc_info=waiter.exception())
     else:
-        log.info("stopping: delivering what is held (up to %s)", config.service.shutdown_timeout)
+        log.info(
+            "stopping: delivering what is held (up to %s)",
+            format_duration(config.service.shutdown_timeout),
+        )
     waiter.cancel()
     stopper.cancel()
     all_sent = await pipeline.shutdown(config.service.shutdown_timeout.total_seconds())
     log.info(
-        "stopped: %d lines in %d chunks delivered%s",
-        pipeline.lines_delivered,
-        pipeline.chunks_delivered,
-        "" if all_sent else "; the rest is read again on the next start",
+        "stopped: delivered %s%s",
+        pipeline.delivered_summary(),
+        "" if all_sent else "; the rest follows on the next start",
     )
     return EXIT_FAILED if failed else EXIT_OK
 

@@ -494,7 +494,7 @@ class TagsConfig(_Section):
     logs: str = Field(
         default="docker.{{.Name}}",
         description="Tag of log records, in Docker's tag template syntax: {{.ID}} {{.FullID}} "
-        "{{.Name}} {{.ImageName}} {{.ImageID}} {{.DaemonName}}.",
+        "{{.Name}} {{.ImageName}} {{.ImageID}} {{.ImageFullID}} {{.DaemonName}}.",
     )
     stats: str = Field(default="docker.stats.{{.Name}}", description="Tag of stats records.")
     events: str = Field(

@@ -32,8 +32,9 @@ from forwarder.forward.protocol import (
     encode_log_entries,
 )
 from forwarder.forward.setup import handshake_factory
-from forwarder.records import ContainerId, ContainerInfo, LogLine, Position
+from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RecordKind
 from forwarder.tags import compile_template
+from forwarder.timefmt import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Collector:
         self._tags: dict[ContainerId, str] = {}
         self._added = asyncio.Event()
         self._clock = time.monotonic
-        self.lines_in = 0
+        self.records_in: dict[RecordKind, int] = {"log": 0, "stats": 0, "lifecycle": 0}
 
     def log_tag(self, container: ContainerInfo) -> str:
         tag = self._tags.get(container.cid)
@@ -75,11 +76,11 @@ class Collector:
     async def add_lines(
         self, container: ContainerInfo, lines: list[LogLine], position: Position
     ) -> None:
-        self.lines_in += len(lines)
+        self.records_in["log"] += len(lines)
         tag = self.log_tag(container)
         for part, part_position in self._split(container, lines, position):
             entries = encode_log_entries(container.id, container.name, part)
-            await self._add(tag, entries, len(part), (container.cid, part_position))
+            await self._add(tag, entries, len(part), (container.cid, part_position), "log")
 
     def _split(
         self, container: ContainerInfo, lines: list[LogLine], position: Position
@@ -105,8 +106,14 @@ class Collector:
         parts.append((lines[start:], position))
         return parts
 
-    async def add_records(self, tag: str, records: list[tuple[int, dict[str, Any]]]) -> None:
-        await self._add(tag, encode_entries(records), len(records), None)
+    async def add_stats(self, tag: str, records: list[tuple[int, dict[str, Any]]]) -> None:
+        await self.add_records(tag, records, "stats")
+
+    async def add_records(
+        self, tag: str, records: list[tuple[int, dict[str, Any]]], kind: RecordKind
+    ) -> None:
+        self.records_in[kind] += len(records)
+        await self._add(tag, encode_entries(records), len(records), None, kind)
 
     async def _add(
         self,
@@ -114,8 +121,9 @@ class Collector:
         entries: bytes,
         count: int,
         position: tuple[ContainerId, Position] | None,
+        kind: RecordKind,
     ) -> None:
-        sealed = self.chunker.add(tag, entries, count, self._clock(), position)
+        sealed = self.chunker.add(tag, entries, count, self._clock(), position, kind)
         self._added.set()
         await self._put(sealed)
 
@@ -231,10 +239,9 @@ class Pipeline:
                 self.engine,
                 interval_s=stats_interval_s,
                 tag=compile_template(config.tags.stats),
-                sink=self.collector.add_records,
+                sink=self.collector.add_stats,
             )
         self._events_tag = compile_template(config.tags.events)
-        self.lifecycle_records = 0
         self.discovery = Discovery(
             config=config,
             engine=self.engine,
@@ -261,7 +268,7 @@ class Pipeline:
                 handshake_factory=handshake_factory(config.output),
             )
         self.chunks_delivered = 0
-        self.lines_delivered = 0
+        self.delivered: dict[RecordKind, int] = {"log": 0, "stats": 0, "lifecycle": 0}
         self._tasks: list[asyncio.Task[None]] = []
 
     def _durable(self, chunk: Chunk) -> None:
@@ -271,7 +278,7 @@ class Pipeline:
 
     async def _delivered(self, chunk: Chunk) -> None:
         self.chunks_delivered += 1
-        self.lines_delivered += chunk.count
+        self.delivered[chunk.kind or kind_of_payload(chunk.payload)] += chunk.count
         if self.tracker.delivered(chunk.seq):
             self.checkpointer.mark()
         self.buffer.recovered()
@@ -302,27 +309,43 @@ class Pipeline:
         if entry is None:
             return
         ts_ns, record = entry
-        await self.collector.add_records(self._events_tag(info), [(ts_ns, record.record())])
-        self.lifecycle_records += 1
+        await self.collector.add_records(
+            self._events_tag(info), [(ts_ns, record.record())], "lifecycle"
+        )
 
     def status(self) -> dict[str, int | None]:
-        """Counts for the SIGUSR1 status line (None: not known)."""
+        """Counts for the SIGUSR1 status line (None: not known); the README explains each."""
+        read, delivered, buffer = self.collector.records_in, self.delivered, self.buffer
         return {
             "tasks": len(asyncio.all_tasks()),
             "followers": len(self.discovery.followers),
             "stats_pollers": len(self.stats) if self.stats is not None else 0,
             "engine_connections": self.engine.open_connections(),
-            "lines_read": self.collector.lines_in,
-            "buffer_chunks": self.buffer.queued,
-            "buffer_bytes": self.buffer.bytes_held,
-            "disk_chunks": self.buffer.disk_chunks,
-            "disk_bytes": self.buffer.disk_bytes,
-            "dropped_records": self.buffer.dropped_records,
+            "log_lines_read": read["log"],
+            "stats_records_read": read["stats"],
+            "lifecycle_records_read": read["lifecycle"],
+            "buffer_chunks": buffer.queued,
+            "buffer_bytes": buffer.bytes_held,
+            "waiting_puts": buffer.waiting_puts,
+            "disk_chunks": buffer.disk_chunks,
+            "disk_chunk_bytes": buffer.disk_chunk_bytes,
+            "disk_file_bytes": buffer.disk_bytes,
+            "dropped_records": buffer.dropped_records,
+            "lost_corrupt": buffer.lost_corrupt,
             "chunks_delivered": self.chunks_delivered,
-            "lines_delivered": self.lines_delivered,
-            "stats_records": self.stats.records_out if self.stats is not None else 0,
-            "lifecycle_records": self.lifecycle_records,
+            "log_lines_delivered": delivered["log"],
+            "stats_records_delivered": delivered["stats"],
+            "lifecycle_records_delivered": delivered["lifecycle"],
         }
+
+    def delivered_summary(self) -> str:
+        """What was delivered, for the last log line: "12 log lines, 4 stats records and 1
+        lifecycle record in 7 chunks"."""
+        log_lines, stats, lifecycle = (self.delivered[k] for k in ("log", "stats", "lifecycle"))
+        return (
+            f"{_plural(log_lines, 'log line')}, {_plural(stats, 'stats record')} and "
+            f"{_plural(lifecycle, 'lifecycle record')} in {_plural(self.chunks_delivered, 'chunk')}"
+        )
 
     def _forget_done(self) -> None:
         for cid in list(self._forget_later):
@@ -366,18 +389,20 @@ class Pipeline:
             task.result()
 
     async def shutdown(self, timeout_s: float) -> bool:
-        """Stop reading, deliver what is held for up to ``timeout_s``; True if all went."""
+        """Stop reading, deliver what is held for up to ``timeout_s``; True if all went.
+        Returns early when no server takes chunks and everything left is on disk: waiting
+        would put nothing more at safety."""
         deadline = time.monotonic() + timeout_s
         await _cancel(self._discovery_task)
         if self.stats is not None:
             await self.stats.aclose()
         await _cancel(self._flusher_task)
-        delivered_all = False
+        delivered_all = all_on_disk = False
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 await self.collector.flush()
-                await self.buffer.wait_empty()
-                delivered_all = True
+                delivered_all = await self.buffer.wait_safe()
+                all_on_disk = not delivered_all
         except TimeoutError:
             pass
         # Cancelled, the output hands the chunks it held back to the buffer.
@@ -385,8 +410,10 @@ class Pipeline:
         written = await self.buffer.close()
         if not delivered_all:
             log.warning(
-                "shutdown: not all delivered within %.1fs; %s",
-                timeout_s,
+                "shutdown: %s; %s",
+                "no server takes chunks and everything left is on disk, so not waiting"
+                if all_on_disk
+                else f"not all delivered within {format_duration(timeout_s)}",
                 f"{self.buffer.disk_chunks + written} chunks kept in the disk buffer for the "
                 "next start"
                 if self.buffer.store is not None
@@ -405,6 +432,27 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def kind_of_payload(payload: bytes) -> RecordKind:
+    """The kind of a chunk read back from the disk buffer, which keeps no kind: told by its
+    first record's keys (the Chunker never mixes kinds in one chunk)."""
+    import msgpack
+
+    _tag, entries, options = msgpack.unpackb(payload, raw=False)
+    if options.get("compressed") == "gzip":
+        import gzip
+
+        entries = gzip.decompress(entries)
+    for _time, record in decode_entries(entries):
+        if "log" in record:
+            return "log"
+        return "lifecycle" if "action" in record else "stats"
+    return "log"
 
 
 def _ssl_context(config: Config) -> Any:

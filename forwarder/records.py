@@ -14,6 +14,9 @@ from typing import Annotated, Literal, NamedTuple, NewType
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+RecordKind = Literal["log", "stats", "lifecycle"]
+"""What a chunk's records are: the chunk assembler never mixes kinds in one chunk."""
+
 ContainerId = NewType("ContainerId", str)
 """A full 64-hex-digit container id."""
 

@@ -184,3 +184,44 @@ def test_stall_without_a_disk_keeps_the_chunk_first() -> None:
         assert (await buffer.get()).seq == 1
 
     run(scenario())
+
+
+def test_wait_safe_returns_once_everything_left_is_on_disk(tmp_path: Path) -> None:
+    """What shutdown waits for: everything delivered, or (no server taking chunks) all of
+    it durable on disk. Chunks only in memory are at risk, so it keeps waiting for them."""
+
+    async def scenario() -> None:
+        buffer = ChunkBuffer(1 << 20, store=open_store(tmp_path, 1 << 20))
+        await buffer.open()
+        await buffer.put(chunk(1))
+        await buffer.put(chunk(2))
+        waiter = asyncio.create_task(buffer.wait_safe())
+        await settle()
+        assert not waiter.done()  # in memory, and a server may still take them
+        await buffer.stall(await buffer.get())  # no server can
+        assert await waiter is False and buffer.disk_chunks == 2
+        await buffer.put(chunk(3))  # goes to disk while stalled
+        assert await buffer.wait_safe() is False
+        for _ in range(3):
+            got = await buffer.get()
+            buffer.recovered()
+            await buffer.done(got)
+        assert await buffer.wait_safe() is True
+        await buffer.close()
+
+    run(scenario())
+
+
+def test_wait_safe_without_a_disk_waits_for_delivery() -> None:
+    async def scenario() -> None:
+        buffer = ChunkBuffer(1 << 20)
+        await buffer.put(chunk(1))
+        await buffer.stall(await buffer.get())
+        waiter = asyncio.create_task(buffer.wait_safe())
+        await settle()
+        assert not waiter.done()  # only in memory: at risk
+        got = await buffer.get()
+        await buffer.done(got)
+        assert await waiter is True
+
+    run(scenario())

@@ -65,3 +65,20 @@ def test_a_sealed_chunk_never_changes() -> None:
     (chunk,) = chunker.flush_all()
     options = msgpack.unpackb(chunk.payload, raw=False)[2]
     assert options["chunk"] == chunk.chunk_id
+
+
+def test_chunker_never_mixes_kinds_that_share_a_tag() -> None:
+    """Tag templates may give stats and logs one tag; a chunk still holds one kind, so that
+    the status line can count lines and records apart."""
+    chunker = make_chunker()
+    chunker.add("t", b"\x01", 2, now=0.0)
+    chunker.add("t", b"\x02", 1, now=0.1, kind="stats")
+    chunker.add("t", b"\x03", 1, now=0.2, kind="lifecycle")
+    chunker.add("t", b"\x04", 3, now=0.3)
+    chunks = chunker.flush_all()
+    assert sorted((c.kind, c.count) for c in chunks) == [
+        ("lifecycle", 1),
+        ("log", 5),
+        ("stats", 1),
+    ]
+    assert {c.tag for c in chunks} == {"t"}

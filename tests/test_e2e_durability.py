@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -296,7 +298,7 @@ def test_sigterm_with_data_buffered_delivers_on_the_next_start(
     cid = engine.run("sh", "-c", "seq 1 2000 | sed 's/^/g/'; sleep 600")
     # All read; the first chunk was sent and never acked, the rest wait in memory.
     wait_until(
-        lambda: (collector.status()["lines_read"] or 0) >= 2000,
+        lambda: (collector.status()["log_lines_read"] or 0) >= 2000,
         timeout=30,
         what="the collector to read the lines",
     )
@@ -316,6 +318,41 @@ def test_sigterm_with_data_buffered_delivers_on_the_next_start(
         f"duplicated {sum(got.values()) - len(got)}"
     )
     assert lost == 0
+
+
+def test_sigterm_with_no_server_exits_once_everything_is_on_disk(
+    engine: Engine, forward_receiver: ForwardReceiver, make_collector: MakeCollector
+) -> None:
+    """No server answers and every chunk is durable on disk: SIGTERM exits without sitting
+    out shutdown_timeout (60 s here; the 20 s deadline is a bound, not a speed test), says
+    why, and the next start delivers the lines and logs where it resumes as RFC 3339."""
+    with socket.socket() as probe:  # a port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        dead = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    collector = make_collector(dead, service={"shutdown_timeout": "60s"})
+    cid = engine.run("sh", "-c", "seq 1 300 | sed 's/^/d/'; sleep 600")
+    wait_until(
+        lambda: (
+            "no server can take chunks" in collector.log()
+            and collector.status()["log_lines_read"] == 300
+        ),
+        timeout=30,
+        what="the collector to read the lines with no server to take them",
+    )
+    code, _ = collector.terminate(timeout=20)
+    log = collector.log()
+    assert code == 0, log
+    assert "stopping: delivering what is held (up to 1m)" in log
+    assert "no server takes chunks and everything left is on disk, so not waiting" in log
+    assert "chunks kept in the disk buffer for the next start" in log
+    collector.config_path.write_text(
+        collector.config_path.read_text().replace(dead, forward_receiver.address)
+    )
+    collector.start()
+    records = forward_receiver.wait_for(all_arrived(cid, "d300"), 30)
+    assert {f"d{i}" for i in range(1, 301)} <= set(texts(list(received(records, cid))))
+    (following,) = [line for line in collector.log().splitlines() if "following from" in line]
+    assert re.search(r"following from \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{9})?Z$", following)
 
 
 def test_a_container_that_lived_while_the_collector_was_down(

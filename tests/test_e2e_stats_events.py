@@ -123,6 +123,46 @@ def test_oneshot_polling_from_two_seconds(
     assert status(collector)["stats_pollers"] == 1
 
 
+def test_status_counts_log_lines_and_records_apart(
+    engine: Engine, forward_receiver: ForwardReceiver, make_collector: MakeCollector
+) -> None:
+    """Log lines, stats records and lifecycle records are counted apart, read and delivered,
+    and the last log line says which is which."""
+    collector = make_collector(forward_receiver.address)
+    cid = engine.run("sh", "-c", "seq 1 5; sleep 600", name="counted")
+    forward_receiver.wait_for(
+        lambda rs: (
+            len(logs_of(rs, cid)) == 5
+            and len(stats_of(rs, cid)) >= 2
+            and len(events_of(rs, cid, "start")) == 1
+        ),
+        timeout=30,
+    )
+    counts = wait_until(
+        lambda: (
+            (c := status(collector))["log_lines_delivered"] == 5
+            and (c["stats_records_delivered"] or 0) >= 2
+            and (c["lifecycle_records_delivered"] or 0) >= 1
+            and c
+        ),
+        timeout=10,
+        what="the status line to count what was delivered",
+    )
+    # Stats records are neither log lines nor lifecycle records, and the reverse.
+    assert counts["log_lines_read"] == 5
+    read, delivered = counts["stats_records_read"], counts["stats_records_delivered"]
+    assert read is not None and delivered is not None and delivered <= read
+    read, delivered = counts["lifecycle_records_read"], counts["lifecycle_records_delivered"]
+    assert read is not None and delivered is not None and delivered <= read <= 2
+    for key in ("waiting_puts", "lost_corrupt", "disk_chunks", "disk_chunk_bytes"):
+        assert counts[key] == 0, key
+    code, _ = collector.terminate()
+    assert code == 0
+    (stopped,) = [line for line in collector.log().splitlines() if " stopped: " in line]
+    assert " stopped: delivered 5 log lines, " in stopped
+    assert " stats records and " in stopped and " lifecycle record" in stopped
+
+
 # --- lifecycle ----------------------------------------------------------------------------
 
 

@@ -828,7 +828,7 @@ def unanswered_port() -> Iterator[int]:
 def test_connect_timeout(run: Runner[Any], unanswered_port: int) -> None:
     async def main() -> None:
         endpoint = TcpEndpoint("127.0.0.1", unanswered_port)
-        with pytest.raises(HttpConnectError, match=r"no answer within 0\.3 s"):
+        with pytest.raises(HttpConnectError, match=r"no answer within 300ms"):
             async with open_response(endpoint, "/x", connect_timeout_s=0.3):
                 pass
 

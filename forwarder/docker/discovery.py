@@ -34,6 +34,7 @@ from forwarder.docker.engine import (
 from forwarder.docker.follower import LinesSink, LogSource, follow_container
 from forwarder.docker.frames import EngineStreamError
 from forwarder.records import ContainerId, ContainerInfo, Position
+from forwarder.timefmt import format_duration, format_time
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,8 @@ class Discovery:
                     await self._sync(first)
                     if failing_since is not None:
                         log.info(
-                            "docker engine: reachable again after %.1fs",
-                            time.monotonic() - failing_since,
+                            "docker engine: reachable again after %s",
+                            format_duration(round(time.monotonic() - failing_since, 1)),
                         )
                         failing_since = None
                         delays = self.retry_delays()
@@ -293,7 +294,9 @@ class Discovery:
             "container %s (%s): following%s",
             container.name,
             cid[:12],
-            f" from {position.since_param()}" if position else (" from now" if since else ""),
+            f" from {format_time(position.ts_ns)}"
+            if position
+            else (f" from now ({format_time(self._started_ns)})" if since else ""),
         )
 
     async def _follow(

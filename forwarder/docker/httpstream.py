@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
+from forwarder.timefmt import format_duration
+
 __all__ = [
     "MAX_CHUNK_LINE_BYTES",
     "MAX_HEAD_BYTES",
@@ -664,7 +666,7 @@ async def open_response(
                 stream, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
     except TimeoutError as exc:
         raise HttpConnectError(
-            f"connecting to {endpoint}: no answer within {connect_timeout_s:g} s"
+            f"connecting to {endpoint}: no answer within {format_duration(connect_timeout_s)}"
         ) from exc
     except OSError as exc:
         raise HttpConnectError(f"connecting to {endpoint}: {exc}") from exc

@@ -1,0 +1,93 @@
+"""The deployment examples work as shipped: the image's config, the Kubernetes manifests."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from forwarder import __version__
+from forwarder.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DAEMONSET = ROOT / "conf" / "kubernetes" / "daemonset.yaml"
+
+
+def check(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "forwarder.cli", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", **env},
+        cwd=ROOT,
+    )
+
+
+def manifests() -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(DAEMONSET.read_text()) if doc is not None]
+
+
+def test_the_image_config_is_the_one_the_dockerfile_copies() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY conf/docker.toml /etc/forwarder/forwarder.toml" in dockerfile
+
+
+def test_the_image_config_needs_the_server_and_never_ships_to_itself(tmp_path: Path) -> None:
+    """Inside a container 127.0.0.1 is the container: no aggregator is assumed."""
+    path = ROOT / "conf" / "docker.toml"
+    with pytest.raises(ConfigError, match="FORWARD_SERVER is not set"):
+        load_config(path, env={})
+    cfg = load_config(path, env={"FORWARD_SERVER": "tcp://fluentd.example:24224"})
+    assert [s.url for s in cfg.output.servers] == ["tcp://fluentd.example:24224"]
+    assert str(cfg.state.dir) == "/var/lib/forwarder"
+    unset = check(path, {})
+    assert unset.returncode == 2 and "FORWARD_SERVER" in unset.stderr
+    assert check(path, {"FORWARD_SERVER": "tcp://fluentd.example:24224"}).returncode == 0
+
+
+def test_every_kubernetes_manifest_parses_and_defines_what_it_refers_to() -> None:
+    docs = manifests()
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert kinds == {
+        ("Namespace", "logging"),
+        ("Secret", "forwarder"),
+        ("ConfigMap", "forwarder"),
+        ("DaemonSet", "forwarder"),
+    }
+    assert [d["kind"] for d in docs][:2] == ["Namespace", "Secret"]  # applied first
+    namespaced = [d for d in docs if d["kind"] != "Namespace"]
+    assert {d["metadata"]["namespace"] for d in namespaced} == {"logging"}
+    (daemonset,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    pod = daemonset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == f"forwarder:{__version__.split('+')[0]}"
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    secret_keys = {
+        env["valueFrom"]["secretKeyRef"]["key"]
+        for env in container["env"]
+        if "secretKeyRef" in env.get("valueFrom", {})
+    }
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    assert secret_keys <= set(secret["stringData"])
+    config_maps = {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
+    assert config_maps == {"forwarder"}
+    socket = [m for m in container["volumeMounts"] if m["mountPath"] == "/var/run/docker.sock"]
+    assert socket and socket[0]["readOnly"] is True
+
+
+def test_the_daemonset_config_passes_forwarder_check(tmp_path: Path) -> None:
+    (config_map,) = [d for d in manifests() if d["kind"] == "ConfigMap"]
+    path = tmp_path / "forwarder.toml"
+    path.write_text(config_map["data"]["forwarder.toml"])
+    env = {"FORWARD_SHARED_KEY": "k", "NODE_NAME": "node-1"}
+    done = check(path, env)
+    assert done.returncode == 0, done.stderr
+    cfg = load_config(path, env=env)
+    hosts = [s.endpoint.host for s in cfg.output.servers]
+    assert all(re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*\.svc", host) for host in hosts), hosts
