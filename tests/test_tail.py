@@ -247,3 +247,41 @@ def test_a_removed_directory_is_read_to_the_end_then_ended(tmp_path: Path) -> No
     events += tailer.read()
     assert numbers(events) == list(range(1, 11))
     assert isinstance(events[-1], Ended) and tailer.ended
+
+
+def test_follow_wakes_on_inotify_and_ends_with_the_directory(tmp_path: Path) -> None:
+    import asyncio
+
+    from forwarder.tail import Watcher, follow
+
+    d = tmp_path / "c"
+    d.mkdir()
+    w = Writer(d, max_files=3, compress=False)
+    modes: list[str] = []
+
+    def watcher(directory: Path, interval: float) -> Watcher:
+        made = Watcher(directory, interval)
+        modes.append(made.mode)
+        return made
+
+    async def run() -> list[TailEvent]:
+        events: list[TailEvent] = []
+        # A 60 s poll interval: only inotify can wake it in time.
+        stream = follow(FileTailer(d, NAMING), poll_interval=60.0, watcher_factory=watcher)
+        async with asyncio.timeout(10.0):
+            w.write(3)
+            async for batch in stream:
+                events += batch
+                if numbers(events) == [1, 2, 3]:
+                    w.rotate()
+                    w.write(2)
+                if numbers(events) == [1, 2, 3, 4, 5] and d.exists():
+                    for f in d.iterdir():
+                        f.unlink()
+                    d.rmdir()
+        return events
+
+    events = asyncio.run(run())
+    assert modes == ["inotify"]
+    assert numbers(events) == [1, 2, 3, 4, 5]
+    assert isinstance(events[-1], Ended)
