@@ -645,7 +645,7 @@ def test_forwarder_check_reads_the_secret_and_tls_files(
     from forwarder.cli import main
 
     missing = tmp_path / "missing"
-    for output, tls, words in [
+    cases: list[tuple[dict[str, object], dict[str, object], str]] = [
         ({"shared_key_file": str(missing)}, {}, "output.shared_key_file: can't read"),
         ({"shared_key": "k", "username": "u", "password_file": str(missing)}, {}, "password_file"),
         (
@@ -653,7 +653,8 @@ def test_forwarder_check_reads_the_secret_and_tls_files(
             {"ca_file": str(missing)},
             "output.tls.ca_file: can't read",
         ),
-    ]:
+    ]
+    for output, tls, words in cases:
         config = tmp_path / "forwarder.toml"
         lines = ["[output]"] + [f"{k} = {json_value(v)}" for k, v in output.items()]
         lines += ["[output.tls]"] + [f"{k} = {json_value(v)}" for k, v in tls.items()]

@@ -466,7 +466,7 @@ def test_a_helo_on_a_connection_without_handshake_names_the_missing_shared_key(
 
     from forwarder.forward.protocol import ClientConnection, HandshakeRequiredError
 
-    conn = ClientConnection()
+    conn: ClientConnection[None] = ClientConnection()
     if awaiting_ack:
         conn.send_chunk(chunk(1), expect_ack=True)
     conn.receive_data(msgpack.packb(["HELO", {"nonce": b"n", "auth": "", "keepalive": True}]))
