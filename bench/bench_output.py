@@ -115,7 +115,8 @@ def main() -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert receiver.stdout is not None and receiver.stdin is not None
+    assert receiver.stdout is not None
+    assert receiver.stdin is not None
     try:
         port = json.loads(receiver.stdout.readline())["listening"]
         print(f"{len(chunks)} chunks, {megabytes:.0f} MB, {lines:,} lines, acks on")

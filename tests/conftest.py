@@ -63,12 +63,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def engine(request: pytest.FixtureRequest) -> Engine:
+def engine() -> Iterator[Engine]:
     """A running Docker engine: ``$DOCKER_HOST`` if it answers, else a private dockerd that
     is stopped at the end of the session."""
     started = Engine.from_environment()
-    request.addfinalizer(started.close)
-    return started
+    yield started
+    started.close()
 
 
 @pytest.fixture(autouse=True)

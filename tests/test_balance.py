@@ -168,7 +168,7 @@ def test_swrr_starts_over_when_the_members_change() -> None:
 
 
 def test_swrr_refuses_an_empty_set() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="from no members"):
         SmoothWeightedRoundRobin[str]().pick({})
 
 

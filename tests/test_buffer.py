@@ -42,7 +42,8 @@ def test_memory_only_blocks_when_full_and_frees_on_done() -> None:
         await buffer.put(chunk(2))
         third = asyncio.create_task(buffer.put(chunk(3)))
         await settle()
-        assert not third.done() and buffer.waiting_puts == 1  # the followers pause
+        assert not third.done()
+        assert buffer.waiting_puts == 1
         first = await buffer.get()
         await settle()
         assert not third.done()  # a chunk being sent still holds its place
@@ -71,7 +72,8 @@ def test_stall_spills_to_disk_and_commits_positions(tmp_path: Path) -> None:
         await buffer.open()
         for seq in (1, 2, 3):
             await buffer.put(chunk(seq))
-        assert durable == [] and buffer.disk_chunks == 0  # memory while all is well
+        assert durable == []
+        assert buffer.disk_chunks == 0
         in_flight = await buffer.get()
         await buffer.stall(in_flight)  # no server can take it
         assert sorted(durable) == [1, 2, 3]
@@ -132,7 +134,8 @@ def test_always_mode_writes_every_chunk_before_it_is_sent(tmp_path: Path) -> Non
         )
         await buffer.open()
         await buffer.put(chunk(1))
-        assert durable == [1] and store.live_chunks == 1
+        assert durable == [1]
+        assert store.live_chunks == 1
         got = await buffer.get()
         await buffer.done(got)
         assert store.live_chunks == 0
@@ -199,7 +202,8 @@ def test_wait_safe_returns_once_everything_left_is_on_disk(tmp_path: Path) -> No
         await settle()
         assert not waiter.done()  # in memory, and a server may still take them
         await buffer.stall(await buffer.get())  # no server can
-        assert await waiter is False and buffer.disk_chunks == 2
+        assert await waiter is False
+        assert buffer.disk_chunks == 2
         await buffer.put(chunk(3))  # goes to disk while stalled
         assert await buffer.wait_safe() is False
         for _ in range(3):

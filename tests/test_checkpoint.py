@@ -18,7 +18,8 @@ def test_positions_commit_only_in_sealing_order() -> None:
     tracker.sealed(2, {A: Position(20, 1), B: Position(5, 1)})
     assert tracker.delivered(2) is False  # chunk 1 is still out: nothing may move
     assert tracker.committed == {}
-    assert tracker.in_flight(A) and tracker.in_flight(B)
+    assert tracker.in_flight(A)
+    assert tracker.in_flight(B)
     assert tracker.delivered(1) is True
     assert tracker.committed == {A: Position(20, 1), B: Position(5, 1)}
     assert tracker.pending_chunks == 0

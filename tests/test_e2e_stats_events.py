@@ -157,16 +157,21 @@ def test_status_counts_log_lines_and_records_apart(
     # Stats records are neither log lines nor lifecycle records, and the reverse.
     assert counts["log_lines_read"] == 5
     read, delivered = counts["stats_records_read"], counts["stats_records_delivered"]
-    assert read is not None and delivered is not None and delivered <= read
+    assert read is not None
+    assert delivered is not None
+    assert delivered <= read
     read, delivered = counts["lifecycle_records_read"], counts["lifecycle_records_delivered"]
-    assert read is not None and delivered is not None and delivered <= read <= 2
+    assert read is not None
+    assert delivered is not None
+    assert delivered <= read <= 2
     for key in ("waiting_puts", "lost_corrupt", "disk_chunks", "disk_chunk_bytes"):
         assert counts[key] == 0, key
     code, _ = collector.terminate()
     assert code == 0
     (stopped,) = [line for line in collector.log().splitlines() if " stopped: " in line]
     assert " stopped: delivered 5 log lines, " in stopped
-    assert " stats records and " in stopped and " lifecycle record" in stopped
+    assert " stats records and " in stopped
+    assert " lifecycle record" in stopped
 
 
 # --- lifecycle ----------------------------------------------------------------------------
@@ -257,7 +262,8 @@ def test_200_short_lived_containers_leave_nothing_behind(
     collector = make_collector(forward_receiver.address)
     base = status(collector)
     base_fds = open_fds(collector.pid)
-    assert base["followers"] == 0 and base["stats_pollers"] == 0
+    assert base["followers"] == 0
+    assert base["stats_pollers"] == 0
     started = time.monotonic()
     seen: list[str] = []
     short_lived: list[str] = []

@@ -583,7 +583,8 @@ def test_secrets_from_a_file_and_from_the_environment(tmp_path: Path) -> None:
     ).output
     factory = handshake_factory(cfg)
     assert factory is not None
-    assert SECRET not in repr(factory()) and PASSWORD not in repr(factory())
+    assert SECRET not in repr(factory())
+    assert PASSWORD not in repr(factory())
     assert cfg.secret_shared_key() == SECRET
     assert cfg.secret_password() == PASSWORD
 

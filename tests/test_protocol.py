@@ -33,6 +33,7 @@ from forwarder.forward.protocol import (
     event_time,
 )
 from forwarder.records import EventTime, LogEvent, LogLine
+from tests.helpers import feed_all
 
 CID = "0123456789abcdef" * 4
 
@@ -106,7 +107,8 @@ def test_packed_forward_message_shape() -> None:
         encode_message("docker.web", entries, 1, chunk_id=chunk_id), raw=False
     )
     assert tag == "docker.web"
-    assert isinstance(body, bytes) and body == entries  # entries travel as bin
+    assert isinstance(body, bytes)
+    assert body == entries
     assert options == {"size": 1, "chunk": chunk_id}
 
 
@@ -183,9 +185,9 @@ def test_garbage_from_the_server_is_a_remote_error(garbage: bytes) -> None:
 def test_an_endless_reply_is_capped() -> None:
     conn: ClientConnection[None] = ClientConnection()
     conn.send_chunk(chunk(), expect_ack=True)
+    reply = b"\xdb\xff\xff\xff\xff" + b"x" * 100_000  # a 4 GiB str header, and more
     with pytest.raises(RemoteProtocolError, match="without a complete message"):
-        for _ in range(20):
-            conn.receive_data(b"\xdb\xff\xff\xff\xff" + b"x" * 100_000)  # a 4 GiB str header
+        feed_all(conn.receive_data, *[reply] * 20)
 
 
 def test_pipelined_chunks_await_their_acks_together() -> None:

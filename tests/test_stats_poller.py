@@ -109,7 +109,7 @@ def test_mode_by_interval(interval_s: float, mode: StatsMode, every: int) -> Non
 
 
 def test_zero_interval_is_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="interval must be positive"):
         make_poller(FakeEngine([]), 0)
 
 
@@ -127,7 +127,8 @@ def test_oneshot_ships_each_poll_and_ends_when_the_container_stops() -> None:
         assert [ts for _, ts, _ in got] == [t.ns for t in times if t is not None]
         first, second = (StatsEvent.model_validate(r) for _, _, r in got)
         assert first.cpu_percent is None  # one-shot: nothing to compare with yet
-        assert second.cpu_percent is not None and second.cpu_percent > 50
+        assert second.cpu_percent is not None
+        assert second.cpu_percent > 50
         assert poller.records_out == 2
 
     asyncio.run(main())
@@ -220,7 +221,8 @@ def test_a_stop_during_a_blocked_delivery_still_delivers() -> None:
             await entered.wait()
         poller.stop(ContainerId(CID))
         await asyncio.wait([task], timeout=5)
-        assert task.done() and got == []
+        assert task.done()
+        assert got == []
         room.set()
         await poller.aclose()
         assert got == ["docker.stats.busy"]

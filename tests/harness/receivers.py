@@ -856,7 +856,8 @@ class NodeReceiver:
         self.starts += 1
         listening: list[int] = []
         stdout_done = threading.Event()
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
         self._readers = [
             threading.Thread(
                 target=self._read_stdout,
