@@ -52,13 +52,13 @@ async def ship(port: int, chunks: list[Chunk]) -> float:
             await asyncio.Event().wait()  # no more: wait to be cancelled
         return queue.pop(0)
 
-    async def on_delivered(chunk: Chunk) -> None:
+    async def on_delivered(_chunk: Chunk) -> None:
         nonlocal delivered
         delivered += 1
         if delivered == len(chunks):
             done.set()
 
-    async def on_stalled(chunk: Chunk) -> None:
+    async def on_stalled(_chunk: Chunk) -> None:
         raise SystemExit("the receiver went away")
 
     output = ForwardOutput(cfg, get_chunk=get, delivered=on_delivered, stalled=on_stalled)

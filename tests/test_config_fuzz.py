@@ -224,7 +224,7 @@ def forwarder(command: str, path: Path) -> tuple[int, str]:
     return code, stderr.getvalue()
 
 
-def _never_run(config: Config) -> int:
+def _never_run(_config: Config) -> int:
     raise AssertionError("the pipeline started on a broken config")
 
 

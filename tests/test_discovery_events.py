@@ -36,8 +36,9 @@ class EndlessSource:
     """A log stream that stays open and says nothing."""
 
     async def read(
-        self, container: ContainerInfo, *, since: str | None, follow: bool
+        self, _container: ContainerInfo, *, since: str | None, follow: bool
     ) -> AsyncIterator[list[RawLine]]:
+        del since, follow  # in the real signature; unused here
         await asyncio.Event().wait()
         yield []
 
@@ -89,7 +90,7 @@ def test_hooks_follow_the_containers_runs() -> None:
         calls: list[tuple[str, Any]] = []
         events: list[str] = []
 
-        async def on_event(ev: dict[str, Any], container: ContainerInfo | None) -> None:
+        async def on_event(ev: dict[str, Any], _container: ContainerInfo | None) -> None:
             events.append(ev["Action"])
 
         discovery = make_discovery(

@@ -38,7 +38,7 @@ def test_the_image_config_is_the_one_the_dockerfile_copies() -> None:
     assert "COPY conf/docker.toml /etc/forwarder/forwarder.toml" in dockerfile
 
 
-def test_the_image_config_needs_the_server_and_never_ships_to_itself(tmp_path: Path) -> None:
+def test_the_image_config_needs_the_server_and_never_ships_to_itself() -> None:
     """Inside a container 127.0.0.1 is the container: no aggregator is assumed."""
     path = ROOT / "conf" / "docker.toml"
     with pytest.raises(ConfigError, match="FORWARD_SERVER is not set"):

@@ -73,7 +73,7 @@ class _Socket:
     def __init__(self, data: bytes) -> None:
         self._data = data
 
-    def makefile(self, mode: str, *args: Any, **kwargs: Any) -> io.BytesIO:
+    def makefile(self, *_args: Any, **_kwargs: Any) -> io.BytesIO:
         return io.BytesIO(self._data)
 
 

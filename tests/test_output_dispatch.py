@@ -87,6 +87,7 @@ class ScriptedConnection:
         return self.is_open and self.acked > 0 and not self.pending
 
     async def send(self, chunk: Chunk, *, expect_ack: bool) -> asyncio.Future[None]:
+        del expect_ack  # the real signature's; the script decides the outcome
         self.sent.append(chunk.seq)
         outcome = self.script.pop(0) if len(self.script) > 1 else self.script[0]
         if isinstance(outcome, DeliveryError) and outcome.kind is not FailureKind.BROKEN:
@@ -119,7 +120,7 @@ class ScriptedConnection:
             future.set_result(None)
             self.acked += 1
 
-    async def wait_ack(self, future: asyncio.Future[None], deadline: float) -> None:
+    async def wait_ack(self, future: asyncio.Future[None], _deadline: float) -> None:
         await future
 
     async def aclose(self) -> None:
@@ -153,7 +154,7 @@ class Rig:
             get_chunk=self._get,
             delivered=self._delivered,
             stalled=self._stalled,
-            connect=lambda server: next(unused),
+            connect=lambda _server: next(unused),
             probe=self._probe,
             clock=self.time.clock,
             sleep=self.time.sleep,
@@ -190,7 +191,7 @@ class Rig:
         self.available.set()
         self.time.advance(self.output.cfg.retry_max_wait.total_seconds())
 
-    async def _probe(self, endpoint: object, timeout_s: float) -> bool:
+    async def _probe(self, _endpoint: object, _timeout_s: float) -> bool:
         self.probes += 1
         return self.probe_ok
 
@@ -428,7 +429,7 @@ def test_an_error_in_delivered_stops_the_output() -> None:
     async def main() -> None:
         rig = Rig(output_config("tcp://a:1"), [[None]])
 
-        async def broken(c: Chunk) -> None:
+        async def broken(_chunk: Chunk) -> None:
             raise RuntimeError("downstream bug")
 
         rig.output._delivered = broken

@@ -52,11 +52,14 @@ class FakeEngine:
             raise item
         return item
 
-    async def stats_once(self, cid: str) -> dict[str, Any]:
+    async def stats_once(self, _cid: str) -> dict[str, Any]:
         self.calls.append("once")
         return await self._next()
 
-    async def stats_stream(self, cid: str, *, stream: bool = True) -> AsyncIterator[dict[str, Any]]:
+    async def stats_stream(
+        self, _cid: str, *, stream: bool = True
+    ) -> AsyncIterator[dict[str, Any]]:
+        del stream  # in the real signature; unused here
         self.calls.append("stream")
         while True:
             yield await self._next()
@@ -184,7 +187,7 @@ def test_stop_ends_the_task_and_start_twice_makes_one() -> None:
     async def main() -> None:
         shipped = asyncio.Event()
 
-        async def sink(tag: str, records: list[tuple[int, dict[str, Any]]]) -> None:
+        async def sink(_tag: str, _records: list[tuple[int, dict[str, Any]]]) -> None:
             shipped.set()
 
         engine = FakeEngine([BUSY[0]])  # then the next request hangs, as a slow engine's
@@ -209,7 +212,7 @@ def test_a_stop_during_a_blocked_delivery_still_delivers() -> None:
         entered, room = asyncio.Event(), asyncio.Event()
         got: list[str] = []
 
-        async def full_buffer(tag: str, records: list[tuple[int, dict[str, Any]]]) -> None:
+        async def full_buffer(tag: str, _records: list[tuple[int, dict[str, Any]]]) -> None:
             entered.set()
             await room.wait()
             got.append(tag)
