@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from forwarder.buffer import ChunkBuffer, open_store
 from forwarder.chunks import Chunk, new_chunk_id
-from forwarder.records import ContainerId, Position
+from forwarder.records import Position
 from forwarder.segments import SegmentStore
-
-T = TypeVar("T")
-CID = ContainerId("c" * 64)
+from tests.helpers import CID, run, until
 
 
 def chunk(seq: int, size: int = 100) -> Chunk:
     return Chunk(seq, new_chunk_id(), "t", bytes([seq % 256]) * size, 1, {CID: Position(seq, 1)})
-
-
-def run(coro: Awaitable[T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(10):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 async def settle() -> None:
@@ -41,7 +29,7 @@ def test_memory_only_blocks_when_full_and_frees_on_done() -> None:
         await buffer.put(chunk(1))
         await buffer.put(chunk(2))
         third = asyncio.create_task(buffer.put(chunk(3)))
-        await settle()
+        await until(lambda: buffer.waiting_puts == 1, what="the third put to wait for room")
         assert not third.done()
         assert buffer.waiting_puts == 1
         first = await buffer.get()
@@ -149,14 +137,13 @@ def test_a_full_disk_blocks_until_a_delivery_frees_room(tmp_path: Path) -> None:
         buffer = ChunkBuffer(1 << 20, store=store, always_disk=True)
         await buffer.open()
         puts = [asyncio.create_task(buffer.put(chunk(seq, size=500))) for seq in range(1, 6)]
-        await asyncio.wait(puts, timeout=2)
+        await until(lambda: buffer.waiting_puts == 1, what="a put to wait for room on disk")
         blocked = [p for p in puts if not p.done()]
         assert blocked, "the disk cap was not enforced"
-        while blocked:
+        for _ in puts:  # each delivery frees room for what still waits
             got = await buffer.get()
             await buffer.done(got)
-            await asyncio.wait(blocked, timeout=0.5)
-            blocked = [p for p in blocked if not p.done()]
+        await asyncio.gather(*puts)
         assert buffer.dropped_chunks == 0
 
     run(scenario())

@@ -9,8 +9,7 @@ from typing import Any
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RawLine
-
-CID = "ab" * 32
+from tests.helpers import CID
 
 
 def event(action: str, ts_ns: int = 1, cid: str = CID) -> dict[str, Any]:

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 
 from forwarder.chunks import Chunk, new_chunk_id
 from forwarder.config import OutputConfig, config_from_dict
 from forwarder.forward.output import ForwardOutput
 from forwarder.forward.protocol import encode_entries, encode_message
 from forwarder.forward.setup import handshake_factory
+from tests import helpers
 from tests.harness.certs import PKI, make_pki, openssl_available
 from tests.harness.receivers import ForwardReceiver, server_tls_context
 
@@ -41,14 +41,9 @@ def loop_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def run(loop_kind: str) -> Callable[[Coroutine[Any, Any, None]], None]:
     def runner(coro: Coroutine[Any, Any, None]) -> None:
-        async def bounded() -> None:
-            async with asyncio.timeout(DEADLINE_S):
-                await coro
-
-        if loop_kind == "uvloop":
-            uvloop.run(bounded())
-        else:
-            asyncio.run(bounded())
+        helpers.run(
+            coro, loop="uvloop" if loop_kind == "uvloop" else "asyncio", deadline_s=DEADLINE_S
+        )
 
     return runner
 

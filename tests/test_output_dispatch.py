@@ -7,7 +7,7 @@ import asyncio
 import collections
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,6 +24,7 @@ from forwarder.forward.errors import (
     FailureKind,
 )
 from forwarder.forward.output import ForwardOutput
+from tests.helpers import run
 
 
 def output_config(*servers: dict[str, Any] | str, **output: Any) -> OutputConfig:
@@ -202,10 +203,6 @@ class Rig:
                 return
             await asyncio.sleep(0)
         raise AssertionError(f"not done: delivered={self.delivered} stalled={self.stalled}")
-
-
-def run(coro: Awaitable[None]) -> None:
-    asyncio.run(coro)  # type: ignore[arg-type]
 
 
 def test_a_failed_chunk_goes_to_the_next_server_and_is_delivered_once() -> None:

@@ -33,9 +33,7 @@ from forwarder.forward.protocol import (
     event_time,
 )
 from forwarder.records import EventTime, LogEvent, LogLine
-from tests.helpers import feed_all
-
-CID = "0123456789abcdef" * 4
+from tests.helpers import CID, feed_all
 
 
 def unpack_all(data: bytes) -> list[Any]:

@@ -28,8 +28,8 @@ from forwarder.segments import (
     SegmentStore,
     StoredChunk,
 )
+from tests.helpers import CID
 
-CID = ContainerId("c" * 64)
 BIG = 1 << 30
 
 

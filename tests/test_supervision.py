@@ -16,8 +16,8 @@ from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.docker.follower import EngineLogSource
 from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RawLine
+from tests.helpers import CID
 
-CID = ContainerId("ab" * 32)
 S = 1_000_000_000
 T0 = 1_795_989_450 * S  # 2026-11-29T21:57:30Z
 
