@@ -161,14 +161,6 @@ async def in_thread(fn: Callable[[], Any]) -> Any:
     return await asyncio.to_thread(fn)
 
 
-async def eventually(predicate: Callable[[], bool], within_s: float = 10.0) -> None:
-    """Poll ``predicate`` every 10ms until it holds; AssertionError at the deadline."""
-    deadline = time.monotonic() + within_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"not true within {within_s}s"
-        await asyncio.sleep(0.01)
-
-
 # --- kept-alive connections ---------------------------------------------------------------
 
 
@@ -497,7 +489,10 @@ def test_standby_is_idle_while_a_primary_is_up_and_takes_over_when_none_is(
             assert numbers_at(standby) == list(range(150, 200))
             await in_thread(first.start)
             # the heartbeat (a TCP connect every 50ms) finds it back
-            await eventually(lambda: output.servers[0].health.eligible(time.monotonic()))
+            await helpers.until(
+                lambda: output.servers[0].health.eligible(time.monotonic()),
+                what="the server to be eligible again",
+            )
             feeder.put(range(200, 300))
             await feeder.wait(lambda: len(feeder.delivered) == 300, "300 chunks")
 
@@ -687,7 +682,7 @@ def test_a_server_that_closes_instead_of_a_pong_is_a_refusal(
         feeder = Feeder()
         async with running(output_config([f"tcp://127.0.0.1:{port}"], shared_key=SECRET), feeder):
             feeder.put([1])
-            await eventually(lambda: pings >= 2)  # refused, then tried again after a backoff
+            await helpers.until(lambda: pings >= 2, what="a second probe")  # refused, then retried
         server.close()
         await server.wait_closed()
 
