@@ -52,13 +52,13 @@ async def ship(port: int, chunks: list[Chunk]) -> float:
             await asyncio.Event().wait()  # no more: wait to be cancelled
         return queue.pop(0)
 
-    async def on_delivered(chunk: Chunk) -> None:
+    async def on_delivered(_chunk: Chunk) -> None:
         nonlocal delivered
         delivered += 1
         if delivered == len(chunks):
             done.set()
 
-    async def on_stalled(chunk: Chunk) -> None:
+    async def on_stalled(_chunk: Chunk) -> None:
         raise SystemExit("the receiver went away")
 
     output = ForwardOutput(cfg, get_chunk=get, delivered=on_delivered, stalled=on_stalled)
@@ -115,7 +115,8 @@ def main() -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert receiver.stdout is not None and receiver.stdin is not None
+    assert receiver.stdout is not None
+    assert receiver.stdin is not None
     try:
         port = json.loads(receiver.stdout.readline())["listening"]
         print(f"{len(chunks)} chunks, {megabytes:.0f} MB, {lines:,} lines, acks on")

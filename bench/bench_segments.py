@@ -92,7 +92,8 @@ def bench_recover(directory: Path, size: int, total_mib: int) -> None:
     store = SegmentStore(directory, max_bytes=64 << 30)
     metas, damage = store.recover()
     elapsed = time.perf_counter() - start
-    assert len(metas) == count and not damage
+    assert len(metas) == count
+    assert not damage
     on_disk = store.bytes_used
     print(
         f"{'recover scan, ' + str(size // 1024) + ' KiB chunks':<44} "

@@ -22,7 +22,7 @@ _FIELDS: dict[str, Callable[[ContainerInfo], str]] = {
     "ImageName": lambda c: c.image,
     "ImageID": lambda c: c.image_id.removeprefix("sha256:")[:12],
     "ImageFullID": lambda c: c.image_id,
-    "DaemonName": lambda c: "docker",
+    "DaemonName": lambda _c: "docker",
 }
 
 Template = Callable[[ContainerInfo], str]

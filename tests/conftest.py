@@ -41,11 +41,11 @@ from tests.harness.receivers import (  # noqa: E402
 _NODE_FIXTURES = frozenset({"node_receiver", "make_node_receiver"})
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def pytest_configure() -> None:
     # A SIGTERM (a CI timeout, `kill`) would end Python at once, skipping every finalizer; as
     # an interrupt, pytest tears the fixtures down, so the private dockerd stops and its
     # directory goes. (dockerd also gets SIGTERM if this process dies: setpriv --pdeathsig.)
@@ -53,7 +53,7 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, _interrupt)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         if "engine" in names:
@@ -63,12 +63,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def engine(request: pytest.FixtureRequest) -> Engine:
+def engine() -> Iterator[Engine]:
     """A running Docker engine: ``$DOCKER_HOST`` if it answers, else a private dockerd that
     is stopped at the end of the session."""
     started = Engine.from_environment()
-    request.addfinalizer(started.close)
-    return started
+    yield started
+    started.close()
 
 
 @pytest.fixture(autouse=True)

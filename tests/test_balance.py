@@ -52,7 +52,7 @@ def test_backoff_jitter_spreads_collectors_that_start_together() -> None:
 def health(first: float = 1.0, cap: float = 8.0) -> ServerHealth:
     # rng whose uniform(a, b) is always b: the nominal delays, exactly
     class Top(random.Random):
-        def uniform(self, a: float, b: float) -> float:
+        def uniform(self, _a: float, b: float) -> float:
             return b
 
     return ServerHealth(first, cap, rng=Top())
@@ -168,7 +168,7 @@ def test_swrr_starts_over_when_the_members_change() -> None:
 
 
 def test_swrr_refuses_an_empty_set() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="from no members"):
         SmoothWeightedRoundRobin[str]().pick({})
 
 

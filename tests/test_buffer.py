@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from forwarder.buffer import ChunkBuffer, open_store
 from forwarder.chunks import Chunk, new_chunk_id
-from forwarder.records import ContainerId, Position
+from forwarder.records import Position
 from forwarder.segments import SegmentStore
-
-T = TypeVar("T")
-CID = ContainerId("c" * 64)
+from tests.helpers import CID, run, until
 
 
 def chunk(seq: int, size: int = 100) -> Chunk:
     return Chunk(seq, new_chunk_id(), "t", bytes([seq % 256]) * size, 1, {CID: Position(seq, 1)})
-
-
-def run(coro: Awaitable[T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(10):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 async def settle() -> None:
@@ -41,8 +29,9 @@ def test_memory_only_blocks_when_full_and_frees_on_done() -> None:
         await buffer.put(chunk(1))
         await buffer.put(chunk(2))
         third = asyncio.create_task(buffer.put(chunk(3)))
-        await settle()
-        assert not third.done() and buffer.waiting_puts == 1  # the followers pause
+        await until(lambda: buffer.waiting_puts == 1, what="the third put to wait for room")
+        assert not third.done()
+        assert buffer.waiting_puts == 1
         first = await buffer.get()
         await settle()
         assert not third.done()  # a chunk being sent still holds its place
@@ -71,7 +60,8 @@ def test_stall_spills_to_disk_and_commits_positions(tmp_path: Path) -> None:
         await buffer.open()
         for seq in (1, 2, 3):
             await buffer.put(chunk(seq))
-        assert durable == [] and buffer.disk_chunks == 0  # memory while all is well
+        assert durable == []
+        assert buffer.disk_chunks == 0
         in_flight = await buffer.get()
         await buffer.stall(in_flight)  # no server can take it
         assert sorted(durable) == [1, 2, 3]
@@ -132,7 +122,8 @@ def test_always_mode_writes_every_chunk_before_it_is_sent(tmp_path: Path) -> Non
         )
         await buffer.open()
         await buffer.put(chunk(1))
-        assert durable == [1] and store.live_chunks == 1
+        assert durable == [1]
+        assert store.live_chunks == 1
         got = await buffer.get()
         await buffer.done(got)
         assert store.live_chunks == 0
@@ -146,14 +137,13 @@ def test_a_full_disk_blocks_until_a_delivery_frees_room(tmp_path: Path) -> None:
         buffer = ChunkBuffer(1 << 20, store=store, always_disk=True)
         await buffer.open()
         puts = [asyncio.create_task(buffer.put(chunk(seq, size=500))) for seq in range(1, 6)]
-        await asyncio.wait(puts, timeout=2)
+        await until(lambda: buffer.waiting_puts == 1, what="a put to wait for room on disk")
         blocked = [p for p in puts if not p.done()]
         assert blocked, "the disk cap was not enforced"
-        while blocked:
+        for _ in puts:  # each delivery frees room for what still waits
             got = await buffer.get()
             await buffer.done(got)
-            await asyncio.wait(blocked, timeout=0.5)
-            blocked = [p for p in blocked if not p.done()]
+        await asyncio.gather(*puts)
         assert buffer.dropped_chunks == 0
 
     run(scenario())
@@ -199,7 +189,8 @@ def test_wait_safe_returns_once_everything_left_is_on_disk(tmp_path: Path) -> No
         await settle()
         assert not waiter.done()  # in memory, and a server may still take them
         await buffer.stall(await buffer.get())  # no server can
-        assert await waiter is False and buffer.disk_chunks == 2
+        assert await waiter is False
+        assert buffer.disk_chunks == 2
         await buffer.put(chunk(3))  # goes to disk while stalled
         assert await buffer.wait_safe() is False
         for _ in range(3):

@@ -18,7 +18,8 @@ def test_positions_commit_only_in_sealing_order() -> None:
     tracker.sealed(2, {A: Position(20, 1), B: Position(5, 1)})
     assert tracker.delivered(2) is False  # chunk 1 is still out: nothing may move
     assert tracker.committed == {}
-    assert tracker.in_flight(A) and tracker.in_flight(B)
+    assert tracker.in_flight(A)
+    assert tracker.in_flight(B)
     assert tracker.delivered(1) is True
     assert tracker.committed == {A: Position(20, 1), B: Position(5, 1)}
     assert tracker.pending_chunks == 0
@@ -59,6 +60,11 @@ def test_damaged_store_is_set_aside_and_reported(
 def test_save_fsyncs_file_and_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+
+    def counting_fsync(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
     PositionStore(tmp_path).save({}, 1)
     assert len(calls) == 2

@@ -32,11 +32,13 @@ def test_chunker_groups_by_tag_and_seals_on_age() -> None:
     assert chunker.next_deadline() == 1.0
     assert chunker.due(0.99) == []
     (sealed,) = chunker.due(1.0)
-    assert sealed.tag == "a" and sealed.count == 2
+    assert sealed.tag == "a"
+    assert sealed.count == 2
     assert msgpack.unpackb(sealed.payload, raw=False)[1] == b"\x01\x03"
     assert chunker.next_deadline() == 1.5
     (rest,) = chunker.flush_all()
-    assert rest.tag == "b" and rest.seq > sealed.seq
+    assert rest.tag == "b"
+    assert rest.seq > sealed.seq
 
 
 def test_chunker_seals_before_exceeding_the_limit() -> None:

@@ -100,7 +100,8 @@ def test_version() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "forwarder.cli", "--version"], capture_output=True, text=True
     )
-    assert result.returncode == 0 and result.stdout.startswith("forwarder ")
+    assert result.returncode == 0
+    assert result.stdout.startswith("forwarder ")
 
 
 def test_the_kubernetes_example_config_is_valid(tmp_path: Path) -> None:
@@ -110,5 +111,6 @@ def test_the_kubernetes_example_config_is_valid(tmp_path: Path) -> None:
     path = tmp_path / "daemonset.toml"
     path.write_text(toml)
     cfg = load_config(path, env={"FORWARD_SHARED_KEY": "k", "NODE_NAME": "node-1"})
-    assert cfg.output.shared_key == "k" and cfg.output.self_hostname == "node-1"
+    assert cfg.output.shared_key == "k"
+    assert cfg.output.self_hostname == "node-1"
     assert [s.weight for s in cfg.output.servers] == [60, 60]

@@ -100,7 +100,10 @@ def _refused(parse: Any, value: Any) -> bool:
 def out_of_bounds(bounds: Bounds, parse: Any) -> st.SearchStrategy[Any]:
     """Numbers and strings that parse, but fall outside ``bounds`` (and aren't its "off")."""
     low, high = parse(bounds.low), parse(bounds.high)
-    as_number = (lambda d: d.total_seconds()) if isinstance(low, timedelta) else (lambda n: n)
+
+    def as_number(value: Any) -> Any:
+        return value.total_seconds() if isinstance(value, timedelta) else value
+
     unit = "s" if isinstance(low, timedelta) else "B"
     lo, hi = as_number(low), as_number(high)
     off = as_number(parse(bounds.off)) if bounds.off is not None else None
@@ -221,7 +224,7 @@ def forwarder(command: str, path: Path) -> tuple[int, str]:
     return code, stderr.getvalue()
 
 
-def _never_run(config: Config) -> int:
+def _never_run(_config: Config) -> int:
     raise AssertionError("the pipeline started on a broken config")
 
 

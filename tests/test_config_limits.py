@@ -19,7 +19,7 @@ from forwarder import cli
 from forwarder.config import Bounds, Config, ConfigError, config_from_dict, load_config
 
 
-def _never_run(config: Config) -> int:
+def _never_run(_config: Config) -> int:
     raise AssertionError("the pipeline started on a config that should have been refused")
 
 

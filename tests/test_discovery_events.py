@@ -9,8 +9,7 @@ from typing import Any
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RawLine
-
-CID = "ab" * 32
+from tests.helpers import CID
 
 
 def event(action: str, ts_ns: int = 1, cid: str = CID) -> dict[str, Any]:
@@ -36,8 +35,9 @@ class EndlessSource:
     """A log stream that stays open and says nothing."""
 
     async def read(
-        self, container: ContainerInfo, *, since: str | None, follow: bool
+        self, _container: ContainerInfo, *, since: str | None, follow: bool
     ) -> AsyncIterator[list[RawLine]]:
+        del since, follow  # in the real signature; unused here
         await asyncio.Event().wait()
         yield []
 
@@ -89,7 +89,7 @@ def test_hooks_follow_the_containers_runs() -> None:
         calls: list[tuple[str, Any]] = []
         events: list[str] = []
 
-        async def on_event(ev: dict[str, Any], container: ContainerInfo | None) -> None:
+        async def on_event(ev: dict[str, Any], _container: ContainerInfo | None) -> None:
             events.append(ev["Action"])
 
         discovery = make_discovery(

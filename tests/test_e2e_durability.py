@@ -276,7 +276,8 @@ def test_a_torn_disk_buffer_tail_is_reported_and_the_rest_delivered(
     records = forward_receiver.wait_for(all_arrived(cid, "t4000"), 60)
     wait_until(lambda: "damaged" in collector.log(), timeout=10, what="the damage warning")
     warnings = [line for line in collector.log().splitlines() if "damaged" in line]
-    assert len(warnings) == 1 and last.name in warnings[0]
+    assert len(warnings) == 1
+    assert last.name in warnings[0]
     got = {text for _, text in received(records, cid)}
     lost = {f"t{i}" for i in range(1, 5001)} - got
     print(
@@ -304,7 +305,8 @@ def test_sigterm_with_data_buffered_delivers_on_the_next_start(
     )
     forward_receiver.wait_for(1, timeout=30)
     code, seconds = collector.terminate()
-    assert code == 0 and seconds < 10
+    assert code == 0
+    assert seconds < 10
     assert "kept in the disk buffer" in collector.log()
     engine.rm(cid)  # only the disk buffer has the lines now
     forward_receiver.records.clear()

@@ -50,13 +50,26 @@ def test_container_running_before_the_collector_is_read_from_head(
     assert sorted(r["time_ns"] for r in mine) == sorted(line.ts_ns for line in raw)
 
 
+# A container that says "ready", then waits for SIGUSR1 before it goes on: busybox sh as PID 1
+# gets the signal because it traps it, and `wait` returns at once when a trapped signal comes.
+GATE = "trap 'kill $s' USR1; sleep 600 & s=$!; echo ready; wait $s; "
+
+
+def open_gate(engine: Engine, receiver: ForwardReceiver, cid: str) -> None:
+    """Once the collector has shipped the container's "ready", let the container go on: what
+    it writes next can only reach the receiver through the collector's live stream."""
+    receiver.wait_for(lambda rs: "ready" in logs_of(rs, cid), timeout=30)
+    engine.docker("kill", "-s", "USR1", cid)
+
+
 def test_container_started_later_is_read_whole_in_order(
     engine: Engine, forward_receiver: ForwardReceiver, make_collector: MakeCollector
 ) -> None:
     make_collector(forward_receiver.address)
-    cid = engine.run("sh", "-c", "sleep 0.5; seq 1 2000; sleep 600")
-    records = forward_receiver.wait_for(lambda rs: len(logs_of(rs, cid)) >= 2000, timeout=30)
-    assert logs_of(records, cid) == [str(i) for i in range(1, 2001)]
+    cid = engine.run("sh", "-c", GATE + "seq 1 2000; sleep 600")
+    open_gate(engine, forward_receiver, cid)
+    records = forward_receiver.wait_for(lambda rs: len(logs_of(rs, cid)) >= 2001, timeout=30)
+    assert logs_of(records, cid) == ["ready", *(str(i) for i in range(1, 2001))]
 
 
 def test_stdout_and_stderr_long_lines_are_kept_apart_and_whole(
@@ -64,13 +77,13 @@ def test_stdout_and_stderr_long_lines_are_kept_apart_and_whole(
 ) -> None:
     make_collector(forward_receiver.address)
     script = (
-        "sleep 0.5; "
-        "head -c 40000 /dev/zero | tr '\\0' o; echo; "
+        GATE + "head -c 40000 /dev/zero | tr '\\0' o; echo; "
         "head -c 40000 /dev/zero | tr '\\0' e >&2; echo >&2; "
         "echo short-out; echo short-err >&2; sleep 600"
     )
     cid = engine.run("sh", "-c", script)
-    records = forward_receiver.wait_for(lambda rs: len(logs_of(rs, cid)) >= 4, timeout=30)
+    open_gate(engine, forward_receiver, cid)
+    records = forward_receiver.wait_for(lambda rs: len(logs_of(rs, cid)) >= 5, timeout=30)
     mine = sorted(
         (r["record"]["source"], r["record"]["log"])
         for r in records
@@ -80,6 +93,7 @@ def test_stdout_and_stderr_long_lines_are_kept_apart_and_whole(
         ("stderr", "e" * 40000),
         ("stderr", "short-err"),
         ("stdout", "o" * 40000),
+        ("stdout", "ready"),
         ("stdout", "short-out"),
     ]
 
@@ -88,12 +102,17 @@ def test_tty_container(
     engine: Engine, forward_receiver: ForwardReceiver, make_collector: MakeCollector
 ) -> None:
     make_collector(forward_receiver.address)
-    cid = engine.run("sh", "-c", "sleep 0.5; echo tty-1; echo tty-2; sleep 600", tty=True)
-    records = forward_receiver.wait_for(lambda rs: len(logs_of(rs, cid)) >= 2, timeout=30)
+    cid = engine.run("sh", "-c", GATE + "echo tty-1; echo tty-2; sleep 600", tty=True)
+    open_gate(engine, forward_receiver, cid)
+    records = forward_receiver.wait_for(lambda rs: len(logs_of(rs, cid)) >= 3, timeout=30)
     mine = [
         r["record"] for r in records if r["record"]["container_id"] == cid and "log" in r["record"]
     ]
-    assert [(r["source"], r["log"]) for r in mine] == [("stdout", "tty-1"), ("stdout", "tty-2")]
+    assert [(r["source"], r["log"]) for r in mine] == [
+        ("stdout", "ready"),
+        ("stdout", "tty-1"),
+        ("stdout", "tty-2"),
+    ]
 
 
 def test_records_match_dockers_fluentd_log_driver(

@@ -138,29 +138,40 @@ def test_status_counts_log_lines_and_records_apart(
         ),
         timeout=30,
     )
-    counts = wait_until(
-        lambda: (
-            (c := status(collector))["log_lines_delivered"] == 5
+
+    def all_delivered() -> dict[str, int | None] | None:
+        c = status(collector)
+        if (
+            c["log_lines_delivered"] == 5
             and (c["stats_records_delivered"] or 0) >= 2
             and (c["lifecycle_records_delivered"] or 0) >= 1
-            and c
-        ),
+        ):
+            return c
+        return None
+
+    counts = wait_until(
+        all_delivered,
         timeout=10,
         what="the status line to count what was delivered",
     )
     # Stats records are neither log lines nor lifecycle records, and the reverse.
     assert counts["log_lines_read"] == 5
     read, delivered = counts["stats_records_read"], counts["stats_records_delivered"]
-    assert read is not None and delivered is not None and delivered <= read
+    assert read is not None
+    assert delivered is not None
+    assert delivered <= read
     read, delivered = counts["lifecycle_records_read"], counts["lifecycle_records_delivered"]
-    assert read is not None and delivered is not None and delivered <= read <= 2
+    assert read is not None
+    assert delivered is not None
+    assert delivered <= read <= 2
     for key in ("waiting_puts", "lost_corrupt", "disk_chunks", "disk_chunk_bytes"):
         assert counts[key] == 0, key
     code, _ = collector.terminate()
     assert code == 0
     (stopped,) = [line for line in collector.log().splitlines() if " stopped: " in line]
     assert " stopped: delivered 5 log lines, " in stopped
-    assert " stats records and " in stopped and " lifecycle record" in stopped
+    assert " stats records and " in stopped
+    assert " lifecycle record" in stopped
 
 
 # --- lifecycle ----------------------------------------------------------------------------
@@ -172,7 +183,7 @@ def test_exit_3_gives_start_and_die_with_the_exit_code(
     make_collector(forward_receiver.address)
     since_ns = time.time_ns()
     cid = engine.run("sh", "-c", "exit 3", name="exit3")
-    records = forward_receiver.wait_for(lambda rs: events_of(rs, cid, "die"), timeout=30)
+    records = forward_receiver.wait_for(lambda rs: bool(events_of(rs, cid, "die")), timeout=30)
     mine = events_of(records, cid)
     assert [r["record"]["action"] for r in mine][:3] == ["create", "start", "die"]
     (die,) = events_of(records, cid, "die")
@@ -200,12 +211,12 @@ def test_kill_carries_the_signal(
 ) -> None:
     make_collector(forward_receiver.address)
     cid = engine.run("sleep", "600", name="killed")
-    forward_receiver.wait_for(lambda rs: events_of(rs, cid, "start"), timeout=30)
+    forward_receiver.wait_for(lambda rs: bool(events_of(rs, cid, "start")), timeout=30)
     # sleep as PID 1 has no handler for USR1, so the kernel does not deliver it: it runs on.
     engine.docker("kill", "-s", "USR1", cid)
-    forward_receiver.wait_for(lambda rs: events_of(rs, cid, "kill"), timeout=30)
+    forward_receiver.wait_for(lambda rs: bool(events_of(rs, cid, "kill")), timeout=30)
     engine.docker("kill", "-s", "KILL", cid)
-    records = forward_receiver.wait_for(lambda rs: events_of(rs, cid, "die"), timeout=30)
+    records = forward_receiver.wait_for(lambda rs: bool(events_of(rs, cid, "die")), timeout=30)
     assert [r["record"]["signal"] for r in events_of(records, cid, "kill")] == [10, 9]
     assert events_of(records, cid, "die")[0]["record"]["exit_code"] == 137
 
@@ -220,7 +231,9 @@ def test_health_check_gives_health_status(
         name="checked",
         options=["--health-cmd", "true", "--health-interval", "1s"],
     )
-    records = forward_receiver.wait_for(lambda rs: events_of(rs, cid, "health_status"), timeout=30)
+    records = forward_receiver.wait_for(
+        lambda rs: bool(events_of(rs, cid, "health_status")), timeout=30
+    )
     (first, *_) = events_of(records, cid, "health_status")
     assert first["tag"] == "docker.events.checked"
     assert first["record"]["health_status"] == "healthy"
@@ -249,7 +262,8 @@ def test_200_short_lived_containers_leave_nothing_behind(
     collector = make_collector(forward_receiver.address)
     base = status(collector)
     base_fds = open_fds(collector.pid)
-    assert base["followers"] == 0 and base["stats_pollers"] == 0
+    assert base["followers"] == 0
+    assert base["stats_pollers"] == 0
     started = time.monotonic()
     seen: list[str] = []
     short_lived: list[str] = []
@@ -266,10 +280,12 @@ def test_200_short_lived_containers_leave_nothing_behind(
                 range(CHURN_PER_ROUND // 2),
             )
             seen += long_lived
+
+            def round_has_stats(lived: list[str] = long_lived) -> bool:
+                return all(stats_of(forward_receiver.records, cid) for cid in lived)
+
             wait_until(
-                lambda lived=long_lived: all(
-                    stats_of(forward_receiver.records, cid) for cid in lived
-                ),
+                round_has_stats,
                 timeout=60,
                 what="a stats record from every long-lived container of the round",
             )
@@ -343,7 +359,7 @@ def test_engine_restart_loses_nothing_the_engine_still_has(
         "sh", "-c", "echo run; sleep 600", name="always", options=["--restart", "always"]
     )
     forward_receiver.wait_for(
-        lambda rs: stats_of(rs, before) and stats_of(rs, always) and logs_of(rs, always),
+        lambda rs: bool(stats_of(rs, before) and stats_of(rs, always) and logs_of(rs, always)),
         timeout=30,
     )
     engine.stop_daemon()
@@ -356,12 +372,13 @@ def test_engine_restart_loses_nothing_the_engine_still_has(
     )
     after = engine.run("sh", "-c", "echo after; sleep 600", name="after")
     records = forward_receiver.wait_for(
-        lambda rs: events_of(rs, after, "start") and "after" in logs_of(rs, after),
+        lambda rs: bool(events_of(rs, after, "start")) and "after" in logs_of(rs, after),
         timeout=60,
     )
     # The restart policy started `always` again: its new run is followed too.
     records = forward_receiver.wait_for(
-        lambda rs: logs_of(rs, always).count("run") == 2 and stats_of(rs, after), timeout=60
+        lambda rs: logs_of(rs, always).count("run") == 2 and bool(stats_of(rs, after)),
+        timeout=60,
     )
     wait_until(
         lambda: status(collector)["stats_pollers"] == 2,

@@ -38,7 +38,7 @@ def test_the_image_config_is_the_one_the_dockerfile_copies() -> None:
     assert "COPY conf/docker.toml /etc/forwarder/forwarder.toml" in dockerfile
 
 
-def test_the_image_config_needs_the_server_and_never_ships_to_itself(tmp_path: Path) -> None:
+def test_the_image_config_needs_the_server_and_never_ships_to_itself() -> None:
     """Inside a container 127.0.0.1 is the container: no aggregator is assumed."""
     path = ROOT / "conf" / "docker.toml"
     with pytest.raises(ConfigError, match="FORWARD_SERVER is not set"):
@@ -47,7 +47,8 @@ def test_the_image_config_needs_the_server_and_never_ships_to_itself(tmp_path: P
     assert [s.url for s in cfg.output.servers] == ["tcp://fluentd.example:24224"]
     assert str(cfg.state.dir) == "/var/lib/forwarder"
     unset = check(path, {})
-    assert unset.returncode == 2 and "FORWARD_SERVER" in unset.stderr
+    assert unset.returncode == 2
+    assert "FORWARD_SERVER" in unset.stderr
     assert check(path, {"FORWARD_SERVER": "tcp://fluentd.example:24224"}).returncode == 0
 
 
@@ -78,7 +79,8 @@ def test_every_kubernetes_manifest_parses_and_defines_what_it_refers_to() -> Non
     config_maps = {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
     assert config_maps == {"forwarder"}
     socket = [m for m in container["volumeMounts"] if m["mountPath"] == "/var/run/docker.sock"]
-    assert socket and socket[0]["readOnly"] is True
+    assert socket
+    assert socket[0]["readOnly"] is True
 
 
 def test_the_daemonset_config_passes_forwarder_check(tmp_path: Path) -> None:

@@ -70,8 +70,9 @@ class PiecesSource:
         self.batches = batches
 
     async def read(
-        self, container: ContainerInfo, *, since: str | None, follow: bool
+        self, _container: ContainerInfo, *, since: str | None, follow: bool
     ) -> AsyncIterator[list[RawLine]]:
+        del since, follow  # in the real signature; unused here
         for batch in self.batches:
             yield batch
 
@@ -83,7 +84,7 @@ def test_a_long_line_is_logged_once_not_once_per_piece(caplog: pytest.LogCapture
     batches.append([RawLine("stdout", 7, b"end", False), RawLine("stdout", 8, b"next", False)])
     got: list[LogLine] = []
 
-    async def sink(container: ContainerInfo, lines: list[LogLine], position: Position) -> None:
+    async def sink(_container: ContainerInfo, lines: list[LogLine], _position: Position) -> None:
         got.extend(lines)
 
     async def main() -> None:
@@ -95,7 +96,7 @@ def test_a_long_line_is_logged_once_not_once_per_piece(caplog: pytest.LogCapture
             since=None,
             follow=True,
             max_line_bytes=1 << 20,
-            on_position=lambda position: None,
+            on_position=lambda _position: None,
         )
 
     with caplog.at_level(logging.WARNING, logger="forwarder.docker.follower"):

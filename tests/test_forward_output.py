@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 
 from forwarder.chunks import Chunk, new_chunk_id
 from forwarder.config import OutputConfig, config_from_dict
 from forwarder.forward.output import ForwardOutput
 from forwarder.forward.protocol import encode_entries, encode_message
 from forwarder.forward.setup import handshake_factory
+from tests import helpers
 from tests.harness.certs import PKI, make_pki, openssl_available
 from tests.harness.receivers import ForwardReceiver, server_tls_context
 
@@ -41,14 +41,9 @@ def loop_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def run(loop_kind: str) -> Callable[[Coroutine[Any, Any, None]], None]:
     def runner(coro: Coroutine[Any, Any, None]) -> None:
-        async def bounded() -> None:
-            async with asyncio.timeout(DEADLINE_S):
-                await coro
-
-        if loop_kind == "uvloop":
-            uvloop.run(bounded())
-        else:
-            asyncio.run(bounded())
+        helpers.run(
+            coro, loop="uvloop" if loop_kind == "uvloop" else "asyncio", deadline_s=DEADLINE_S
+        )
 
     return runner
 
@@ -164,14 +159,6 @@ def numbers_at(receiver: ForwardReceiver) -> list[int]:
 
 async def in_thread(fn: Callable[[], Any]) -> Any:
     return await asyncio.to_thread(fn)
-
-
-async def eventually(predicate: Callable[[], bool], within_s: float = 10.0) -> None:
-    """Poll ``predicate`` every 10ms until it holds; AssertionError at the deadline."""
-    deadline = time.monotonic() + within_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"not true within {within_s}s"
-        await asyncio.sleep(0.01)
 
 
 # --- kept-alive connections ---------------------------------------------------------------
@@ -502,7 +489,10 @@ def test_standby_is_idle_while_a_primary_is_up_and_takes_over_when_none_is(
             assert numbers_at(standby) == list(range(150, 200))
             await in_thread(first.start)
             # the heartbeat (a TCP connect every 50ms) finds it back
-            await eventually(lambda: output.servers[0].health.eligible(time.monotonic()))
+            await helpers.until(
+                lambda: output.servers[0].health.eligible(time.monotonic()),
+                what="the server to be eligible again",
+            )
             feeder.put(range(200, 300))
             await feeder.wait(lambda: len(feeder.delivered) == 300, "300 chunks")
 
@@ -583,7 +573,8 @@ def test_secrets_from_a_file_and_from_the_environment(tmp_path: Path) -> None:
     ).output
     factory = handshake_factory(cfg)
     assert factory is not None
-    assert SECRET not in repr(factory()) and PASSWORD not in repr(factory())
+    assert SECRET not in repr(factory())
+    assert PASSWORD not in repr(factory())
     assert cfg.secret_shared_key() == SECRET
     assert cfg.secret_password() == PASSWORD
 
@@ -645,7 +636,7 @@ def test_forwarder_check_reads_the_secret_and_tls_files(
     from forwarder.cli import main
 
     missing = tmp_path / "missing"
-    for output, tls, words in [
+    cases: list[tuple[dict[str, object], dict[str, object], str]] = [
         ({"shared_key_file": str(missing)}, {}, "output.shared_key_file: can't read"),
         ({"shared_key": "k", "username": "u", "password_file": str(missing)}, {}, "password_file"),
         (
@@ -653,7 +644,8 @@ def test_forwarder_check_reads_the_secret_and_tls_files(
             {"ca_file": str(missing)},
             "output.tls.ca_file: can't read",
         ),
-    ]:
+    ]
+    for output, tls, words in cases:
         config = tmp_path / "forwarder.toml"
         lines = ["[output]"] + [f"{k} = {json_value(v)}" for k, v in output.items()]
         lines += ["[output.tls]"] + [f"{k} = {json_value(v)}" for k, v in tls.items()]
@@ -690,7 +682,7 @@ def test_a_server_that_closes_instead_of_a_pong_is_a_refusal(
         feeder = Feeder()
         async with running(output_config([f"tcp://127.0.0.1:{port}"], shared_key=SECRET), feeder):
             feeder.put([1])
-            await eventually(lambda: pings >= 2)  # refused, then tried again after a backoff
+            await helpers.until(lambda: pings >= 2, what="a second probe")  # refused, then retried
         server.close()
         await server.wait_closed()
 

@@ -29,6 +29,7 @@ from forwarder.docker.frames import (
     parse_timestamp,
     split_timestamp,
 )
+from tests.helpers import feed_all
 
 DATA = Path(__file__).parent / "data" / "engine"
 
@@ -430,8 +431,7 @@ def test_demuxer_bad_header(header: bytes, why: str) -> None:
         parser = Demuxer()
         data = valid + header
         with pytest.raises(EngineStreamError, match=f"^{why} at stream offset {len(valid)}: "):
-            parser.feed(data[:cut])
-            parser.feed(data[cut:])
+            feed_all(parser.feed, data[:cut], data[cut:])
         with pytest.raises(EngineStreamError, match="already broken"):
             parser.feed(b"")
 

@@ -37,7 +37,8 @@ def test_container_output_is_visible_through_docker_logs(engine: Engine) -> None
     assert len(stamped) == 1
     timestamp, _, line = stamped[0][1].partition(b" ")
     assert line == b"hello-out\n"
-    assert timestamp.endswith(b"Z") and b"T" in timestamp
+    assert timestamp.endswith(b"Z")
+    assert b"T" in timestamp
 
 
 def test_tty_logs_are_raw(engine: Engine) -> None:

@@ -54,6 +54,7 @@ from forwarder.docker.httpstream import (
     plain_endpoint,
 )
 from tests.harness.engine import Engine as EngineHarness
+from tests.helpers import feed_all
 
 DATA = Path(__file__).parent / "data" / "http"
 RECORDINGS = sorted(path.name for path in DATA.glob("*.http"))
@@ -72,7 +73,7 @@ class _Socket:
     def __init__(self, data: bytes) -> None:
         self._data = data
 
-    def makefile(self, mode: str, *args: Any, **kwargs: Any) -> io.BytesIO:
+    def makefile(self, *_args: Any, **_kwargs: Any) -> io.BytesIO:
         return io.BytesIO(self._data)
 
 
@@ -103,20 +104,27 @@ def read(
         if reader.state is ReaderState.CHUNKED:
             assert reader.pending_bytes < max_pending, (cut, reader)
     reader.feed_eof()
-    assert reader.done and reader.pending_bytes == 0
+    assert reader.done
+    assert reader.pending_bytes == 0
     return b"".join(out)
+
+
+def feed_pieces(reader: ResponseReader, pieces: list[bytes], *, eof: bool) -> None:
+    feed_all(reader.feed, *pieces)
+    if eof:
+        reader.feed_eof()
 
 
 def raises(raw: bytes, cuts: Iterable[int] = (), *, eof: bool = False) -> HttpStreamError:
     """Feed ``raw`` cut at ``cuts`` (then EOF); the error it must raise."""
     reader = ResponseReader()
     prev = 0
+    pieces: list[bytes] = []
+    for cut in [*cuts, len(raw)]:
+        pieces.append(raw[prev:cut])
+        prev = cut
     with pytest.raises(HttpStreamError) as info:
-        for cut in [*cuts, len(raw)]:
-            reader.feed(raw[prev:cut])
-            prev = cut
-        if eof:
-            reader.feed_eof()
+        feed_pieces(reader, pieces, eof=eof)
     assert reader.state is ReaderState.ERROR
     with pytest.raises(ReaderUsageError):
         reader.feed(b"more")
@@ -159,7 +167,8 @@ def test_recorded_logs_body_equals_the_engines_unchunked_answer() -> None:
         b"a" * 5,
         b"no ne",
     ]
-    assert len(lines[3].data) == 16384 and lines[3].partial
+    assert len(lines[3].data) == 16384
+    assert lines[3].partial
 
 
 @pytest.mark.parametrize("name", RECORDINGS)
@@ -189,10 +198,12 @@ def test_close_delimited_body_ends_only_at_eof() -> None:
     raw = load("logs-mixed-http10.http")
     reader = ResponseReader()
     body = reader.feed(raw)
-    assert reader.state is ReaderState.UNTIL_EOF and not reader.done
+    assert reader.state is ReaderState.UNTIL_EOF
+    assert not reader.done
     reader.feed_eof()
     assert reader.done
-    assert reader.head is not None and reader.head.http_version == "1.0"
+    assert reader.head is not None
+    assert reader.head.http_version == "1.0"
     assert body == raw.split(b"\r\n\r\n", 1)[1]
 
 
@@ -201,7 +212,8 @@ def test_content_length_body_is_done_without_eof() -> None:
     reader = ResponseReader()
     assert reader.feed(raw) == b"OK"
     assert reader.done
-    assert reader.head is not None and reader.head.header("Content-Length") == "2"
+    assert reader.head is not None
+    assert reader.head.header("Content-Length") == "2"
 
 
 @pytest.mark.parametrize("name", ["logs-400.http", "logs-404.http", "logs-501.http"])
@@ -209,11 +221,13 @@ def test_error_responses_are_read_whole(name: str) -> None:
     raw = load(name)
     reader = ResponseReader()
     body = reader.feed(raw)
-    assert reader.done and reader.head is not None
+    assert reader.done
+    assert reader.head is not None
     assert not reader.head.ok
     assert reader.head.status == int(name[5:8])
     assert reader.head.header("content-type") == "application/json"
-    assert body.startswith(b'{"message":"') and body.endswith(b'"}\n')
+    assert body.startswith(b'{"message":"')
+    assert body.endswith(b'"}\n')
 
 
 def test_one_read_of_many_chunks_is_one_bytes() -> None:
@@ -270,7 +284,8 @@ def test_chunk_size_line_limit() -> None:
         line_at + MAX_CHUNK_LINE_BYTES + 1,
     ):
         error = raises(too_long, [cut])
-        assert "chunk-size line" in str(error) and error.offset == line_at, cut
+        assert "chunk-size line" in str(error), cut
+        assert error.offset == line_at, cut
     # Refused as soon as MAX_CHUNK_LINE_BYTES are held without the line's LF.
     reader = ResponseReader()
     reader.feed(too_long[: line_at + MAX_CHUNK_LINE_BYTES - 1])
@@ -382,8 +397,7 @@ def test_head_limit() -> None:
     for cut in range(len(too_big) + 1):
         reader = ResponseReader(max_head_bytes=limit)
         with pytest.raises(HttpStreamError, match=f"within {limit}|more than {limit}"):
-            reader.feed(too_big[:cut])
-            reader.feed(too_big[cut:])
+            feed_all(reader.feed, too_big[:cut], too_big[cut:])
     # An unending head is refused as soon as it holds ``limit`` bytes without its end (its
     # blank line would make it longer), not at EOF.
     unending = head_of(limit + 100)[:limit]
@@ -400,8 +414,7 @@ def test_default_head_limit_refuses_oversized_headers() -> None:
     reader.feed(b"HTTP/1.1 200 OK\r\n")
     line = b"X-Filler: " + b"f" * 1000 + b"\r\n"
     with pytest.raises(HttpStreamError, match=f"within {MAX_HEAD_BYTES} bytes"):
-        for _ in range(MAX_HEAD_BYTES // len(line) + 1):
-            reader.feed(line)
+        feed_all(reader.feed, *[line] * (MAX_HEAD_BYTES // len(line) + 1))
 
 
 def test_trailer_section_limit() -> None:
@@ -411,14 +424,14 @@ def test_trailer_section_limit() -> None:
     for cut in (0, len(raw) - len(trailer) + 50, len(raw) - 1):
         reader = ResponseReader(max_head_bytes=limit)
         with pytest.raises(HttpStreamError, match="trailer section"):
-            reader.feed(raw[:cut])
-            reader.feed(raw[cut:])
+            feed_all(reader.feed, raw[:cut], raw[cut:])
     assert read(raw, reader=ResponseReader(max_head_bytes=len(trailer))) == b"x"
     # Refused as soon as ``limit`` bytes are held without the section's end.
     reader = ResponseReader(max_head_bytes=limit)
     start = len(raw) - len(trailer)
     reader.feed(raw[: start + limit - 1])
-    assert reader.state is ReaderState.TRAILERS and reader.pending_bytes == limit - 1
+    assert reader.state is ReaderState.TRAILERS
+    assert reader.pending_bytes == limit - 1
     with pytest.raises(HttpStreamError, match=f"trailer section within {limit}") as info:
         reader.feed(raw[start + limit - 1 : start + limit])
     assert info.value.offset == start
@@ -431,7 +444,8 @@ def test_interim_responses_are_skipped() -> None:
     for cut in range(len(raw) + 1):
         reader = ResponseReader()
         assert read(raw, [cut], reader=reader) == b"OK", cut
-        assert reader.head is not None and reader.head.status == 200
+        assert reader.head is not None
+        assert reader.head.status == 200
 
 
 def test_no_body_statuses_and_zero_length() -> None:
@@ -782,7 +796,8 @@ def test_open_response_exposes_head_and_body(run: Runner[Any], socket_dir: Path)
                 UnixEndpoint(str(fake.path)), "/containers/x/logs", connect_timeout_s=5
             ) as response,
         ):
-            assert response.status == 200 and response.head.ok
+            assert response.status == 200
+            assert response.head.ok
             assert response.head.header("api-version") == "1.41"
             assert repr(response).startswith(f"<Response unix://{fake.path} 200 ")
             assert await response.read_body(1 << 20) == reference(raw)[2]

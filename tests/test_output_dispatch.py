@@ -7,7 +7,7 @@ import asyncio
 import collections
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,6 +24,7 @@ from forwarder.forward.errors import (
     FailureKind,
 )
 from forwarder.forward.output import ForwardOutput
+from tests.helpers import run
 
 
 def output_config(*servers: dict[str, Any] | str, **output: Any) -> OutputConfig:
@@ -87,6 +88,7 @@ class ScriptedConnection:
         return self.is_open and self.acked > 0 and not self.pending
 
     async def send(self, chunk: Chunk, *, expect_ack: bool) -> asyncio.Future[None]:
+        del expect_ack  # the real signature's; the script decides the outcome
         self.sent.append(chunk.seq)
         outcome = self.script.pop(0) if len(self.script) > 1 else self.script[0]
         if isinstance(outcome, DeliveryError) and outcome.kind is not FailureKind.BROKEN:
@@ -119,7 +121,7 @@ class ScriptedConnection:
             future.set_result(None)
             self.acked += 1
 
-    async def wait_ack(self, future: asyncio.Future[None], deadline: float) -> None:
+    async def wait_ack(self, future: asyncio.Future[None], _deadline: float) -> None:
         await future
 
     async def aclose(self) -> None:
@@ -153,7 +155,7 @@ class Rig:
             get_chunk=self._get,
             delivered=self._delivered,
             stalled=self._stalled,
-            connect=lambda server: next(unused),
+            connect=lambda _server: next(unused),
             probe=self._probe,
             clock=self.time.clock,
             sleep=self.time.sleep,
@@ -190,7 +192,7 @@ class Rig:
         self.available.set()
         self.time.advance(self.output.cfg.retry_max_wait.total_seconds())
 
-    async def _probe(self, endpoint: object, timeout_s: float) -> bool:
+    async def _probe(self, _endpoint: object, _timeout_s: float) -> bool:
         self.probes += 1
         return self.probe_ok
 
@@ -201,10 +203,6 @@ class Rig:
                 return
             await asyncio.sleep(0)
         raise AssertionError(f"not done: delivered={self.delivered} stalled={self.stalled}")
-
-
-def run(coro: Awaitable[None]) -> None:
-    asyncio.run(coro)  # type: ignore[arg-type]
 
 
 def test_a_failed_chunk_goes_to_the_next_server_and_is_delivered_once() -> None:
@@ -428,7 +426,7 @@ def test_an_error_in_delivered_stops_the_output() -> None:
     async def main() -> None:
         rig = Rig(output_config("tcp://a:1"), [[None]])
 
-        async def broken(c: Chunk) -> None:
+        async def broken(_chunk: Chunk) -> None:
             raise RuntimeError("downstream bug")
 
         rig.output._delivered = broken
@@ -466,7 +464,7 @@ def test_a_helo_on_a_connection_without_handshake_names_the_missing_shared_key(
 
     from forwarder.forward.protocol import ClientConnection, HandshakeRequiredError
 
-    conn = ClientConnection()
+    conn: ClientConnection[None] = ClientConnection()
     if awaiting_ack:
         conn.send_chunk(chunk(1), expect_ack=True)
     conn.receive_data(msgpack.packb(["HELO", {"nonce": b"n", "auth": "", "keepalive": True}]))

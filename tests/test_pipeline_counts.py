@@ -8,8 +8,7 @@ from pathlib import Path
 from forwarder.forward.protocol import encode_entries, encode_log_entries, encode_message
 from forwarder.pipeline import kind_of_payload
 from forwarder.records import LifecycleEvent, LogLine, StatsEvent
-
-CID = "c" * 64
+from tests.helpers import CID
 
 
 def _stats() -> dict[str, object]:

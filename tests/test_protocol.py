@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from typing import Any
 
 import msgpack
 import pytest
@@ -32,11 +33,10 @@ from forwarder.forward.protocol import (
     event_time,
 )
 from forwarder.records import EventTime, LogEvent, LogLine
+from tests.helpers import CID, feed_all
 
-CID = "0123456789abcdef" * 4
 
-
-def unpack_all(data: bytes) -> list[object]:
+def unpack_all(data: bytes) -> list[Any]:
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(data)
     return list(unpacker)
@@ -57,7 +57,7 @@ def test_log_entries_decode_back_to_the_driver_keys(count: int) -> None:
     data = encode_log_entries(CID, "/web", lines)
     entries = unpack_all(data)
     assert len(entries) == count
-    for i, (time, record) in enumerate(entries):  # type: ignore[misc]
+    for i, (time, record) in enumerate(entries):
         assert time.code == 0
         assert EventTime(*divmod(lines[i].ts_ns, 10**9)) == EventTime(
             int.from_bytes(time.data[:4], "big"), int.from_bytes(time.data[4:], "big")
@@ -83,7 +83,7 @@ def test_log_entries_equal_the_generic_encoding_of_the_model() -> None:
                 LogEvent(
                     container_id=CID, container_name="/w", source=line.source, log=line.text
                 ).record(),
-            )  # type: ignore[arg-type]
+            )
             for line in lines
         ]
     )
@@ -105,7 +105,8 @@ def test_packed_forward_message_shape() -> None:
         encode_message("docker.web", entries, 1, chunk_id=chunk_id), raw=False
     )
     assert tag == "docker.web"
-    assert isinstance(body, bytes) and body == entries  # entries travel as bin
+    assert isinstance(body, bytes)
+    assert body == entries
     assert options == {"size": 1, "chunk": chunk_id}
 
 
@@ -127,34 +128,40 @@ def test_gzip_message_is_compressed_packed_forward() -> None:
 # --- connection state machine -------------------------------------------------------------
 
 
+def state(conn: ClientConnection[Any]) -> ConnState:
+    """The connection's state, read through a call: mypy would keep ``conn.state`` narrowed
+    to the value last asserted, past the calls that change it."""
+    return conn.state
+
+
 def chunk(chunk_id: str = "id-1") -> Chunk:
     payload = encode_message("t", b"", 0, chunk_id=ChunkId(chunk_id))
     return Chunk(1, ChunkId(chunk_id), "t", payload, 0)
 
 
 def test_ack_round_trip_fed_byte_by_byte() -> None:
-    conn = ClientConnection()
-    assert conn.state is ConnState.READY
+    conn: ClientConnection[None] = ClientConnection()
+    assert state(conn) is ConnState.READY
     assert conn.send_chunk(chunk(), expect_ack=True) == chunk().payload
-    assert conn.state is ConnState.AWAITING_ACK
+    assert state(conn) is ConnState.AWAITING_ACK
     reply = msgpack.packb({"ack": "id-1"})
     for byte in reply[:-1]:
         conn.receive_data(bytes([byte]))
         assert conn.next_event() is None
     conn.receive_data(reply[-1:])
     assert conn.next_event() == Acked(ChunkId("id-1"))
-    assert conn.state is ConnState.READY
+    assert state(conn) is ConnState.READY
 
 
 def test_ack_as_bin_is_accepted() -> None:
-    conn = ClientConnection()
+    conn: ClientConnection[None] = ClientConnection()
     conn.send_chunk(chunk(), expect_ack=True)
     conn.receive_data(msgpack.packb({"ack": b"id-1"}, use_bin_type=True))
     assert conn.next_event() == Acked(ChunkId("id-1"))
 
 
 def test_ack_for_an_unknown_chunk_is_the_servers_fault() -> None:
-    conn = ClientConnection()
+    conn: ClientConnection[None] = ClientConnection()
     conn.send_chunk(chunk(), expect_ack=True)
     conn.receive_data(msgpack.packb({"ack": "id-2"}))
     with pytest.raises(RemoteProtocolError, match="unknown chunk"):
@@ -166,7 +173,7 @@ def test_ack_for_an_unknown_chunk_is_the_servers_fault() -> None:
     [b"\xc1", msgpack.packb("hello"), msgpack.packb([1, 2, 3]), b"\x92\xc1\xc1"],
 )
 def test_garbage_from_the_server_is_a_remote_error(garbage: bytes) -> None:
-    conn = ClientConnection()
+    conn: ClientConnection[None] = ClientConnection()
     conn.send_chunk(chunk(), expect_ack=True)
     conn.receive_data(garbage)
     with pytest.raises(RemoteProtocolError):
@@ -174,28 +181,28 @@ def test_garbage_from_the_server_is_a_remote_error(garbage: bytes) -> None:
 
 
 def test_an_endless_reply_is_capped() -> None:
-    conn = ClientConnection()
+    conn: ClientConnection[None] = ClientConnection()
     conn.send_chunk(chunk(), expect_ack=True)
+    reply = b"\xdb\xff\xff\xff\xff" + b"x" * 100_000  # a 4 GiB str header, and more
     with pytest.raises(RemoteProtocolError, match="without a complete message"):
-        for _ in range(20):
-            conn.receive_data(b"\xdb\xff\xff\xff\xff" + b"x" * 100_000)  # a 4 GiB str header
+        feed_all(conn.receive_data, *[reply] * 20)
 
 
 def test_pipelined_chunks_await_their_acks_together() -> None:
-    conn = ClientConnection()
+    conn: ClientConnection[None] = ClientConnection()
     conn.send_chunk(chunk(), expect_ack=True)
     conn.send_chunk(chunk("id-2"), expect_ack=True)
     assert conn.awaiting_acks == 2
     conn.receive_data(msgpack.packb({"ack": "id-1"}) + msgpack.packb({"ack": "id-2"}))
     assert conn.next_event() == Acked(ChunkId("id-1"))
-    assert conn.state is ConnState.AWAITING_ACK
+    assert state(conn) is ConnState.AWAITING_ACK
     assert conn.next_event() == Acked(ChunkId("id-2"))
-    assert conn.state is ConnState.READY
+    assert state(conn) is ConnState.READY
     assert conn.awaiting_acks == 0
 
 
 def test_sending_a_chunk_that_already_awaits_its_ack_is_our_bug() -> None:
-    conn = ClientConnection()
+    conn: ClientConnection[None] = ClientConnection()
     conn.send_chunk(chunk(), expect_ack=True)
     with pytest.raises(LocalProtocolError):
         conn.send_chunk(chunk(), expect_ack=True)
@@ -211,23 +218,23 @@ def handshaking() -> ClientConnection[None]:
 
 def test_the_connection_owns_the_handshake_from_helo_to_ready() -> None:
     conn = handshaking()
-    assert conn.state is ConnState.AWAITING_HELO
+    assert state(conn) is ConnState.AWAITING_HELO
     assert conn.data_to_send() == b""
     with pytest.raises(LocalProtocolError):
         conn.send_chunk(chunk(), expect_ack=True)
     conn.receive_data(make_helo(NONCE, b"", keepalive=True))
     assert isinstance(conn.next_event(), Helo)
-    assert conn.state is ConnState.AWAITING_PONG
+    assert state(conn) is ConnState.AWAITING_PONG
     ping = msgpack.unpackb(conn.data_to_send(), raw=False)
     assert conn.data_to_send() == b""  # handed out once
     verdict = check_ping(ping, NONCE, b"", SHARED_KEY, {})
     assert verdict.ok
     conn.receive_data(make_pong(True, "", "server", verdict.shared_key_salt, NONCE, SHARED_KEY))
     assert isinstance(conn.next_event(), Pong)
-    assert conn.state is ConnState.READY
+    assert state(conn) is ConnState.READY
     assert conn.keepalive
     conn.send_chunk(chunk(), expect_ack=True)
-    assert conn.state is ConnState.AWAITING_ACK
+    assert state(conn) is ConnState.AWAITING_ACK
 
 
 def test_keepalive_false_in_the_helo_is_the_connections() -> None:
@@ -245,7 +252,7 @@ def test_a_pong_that_fails_its_checks_closes_the_connection() -> None:
     conn.receive_data(make_pong(True, "", "server", salt.shared_key_salt, NONCE, "wrong"))
     with pytest.raises(HandshakeProtocolError, match="shared key mismatch"):
         conn.next_event()
-    assert conn.state is ConnState.CLOSED
+    assert state(conn) is ConnState.CLOSED
 
 
 def test_a_refusing_pong_carries_the_reason_and_closes_the_connection() -> None:
@@ -255,7 +262,7 @@ def test_a_refusing_pong_carries_the_reason_and_closes_the_connection() -> None:
     conn.receive_data(make_pong(False, "shared_key mismatch", "", b"", NONCE, SHARED_KEY))
     with pytest.raises(AuthRefusedError, match="shared_key mismatch"):
         conn.next_event()
-    assert conn.state is ConnState.CLOSED
+    assert state(conn) is ConnState.CLOSED
 
 
 def test_a_lost_connection_hands_back_the_waiters_oldest_first() -> None:
@@ -267,7 +274,7 @@ def test_a_lost_connection_hands_back_the_waiters_oldest_first() -> None:
     assert conn.awaiting_acks == 1
     assert conn.connection_lost() == ["second"]
     assert conn.awaiting_acks == 0
-    assert conn.state is ConnState.CLOSED
+    assert state(conn) is ConnState.CLOSED
 
 
 def test_data_before_helo_is_refused() -> None:

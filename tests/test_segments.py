@@ -28,8 +28,8 @@ from forwarder.segments import (
     SegmentStore,
     StoredChunk,
 )
+from tests.helpers import CID
 
-CID = ContainerId("c" * 64)
 BIG = 1 << 30
 
 
@@ -539,7 +539,7 @@ def test_misuse_is_refused(tmp_path: Path) -> None:
         store.append(chunk(2))
     with pytest.raises(RuntimeError, match="closed"):
         store.release(ChunkId("chunk-0000"))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be positive"):
         SegmentStore(tmp_path, max_bytes=0)
 
 

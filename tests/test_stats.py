@@ -300,7 +300,8 @@ def test_sampler_on_oneshot_polls_computes_cpu_from_the_second_poll() -> None:
     assert sampler.feed(first).cpu_percent is None
     assert sampler.primed
     assert sampler.feed(second).cpu_percent == pytest.approx(1_023_861_298 / 2_020_000_000 * 200)
-    assert "primed" in repr(sampler) and "/busy" in repr(sampler)
+    assert "primed" in repr(sampler)
+    assert "/busy" in repr(sampler)
 
 
 def test_sampler_on_a_stream_follows_precpu() -> None:

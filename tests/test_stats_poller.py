@@ -52,11 +52,14 @@ class FakeEngine:
             raise item
         return item
 
-    async def stats_once(self, cid: str) -> dict[str, Any]:
+    async def stats_once(self, _cid: str) -> dict[str, Any]:
         self.calls.append("once")
         return await self._next()
 
-    async def stats_stream(self, cid: str, *, stream: bool = True) -> AsyncIterator[dict[str, Any]]:
+    async def stats_stream(
+        self, _cid: str, *, stream: bool = True
+    ) -> AsyncIterator[dict[str, Any]]:
+        del stream  # in the real signature; unused here
         self.calls.append("stream")
         while True:
             yield await self._next()
@@ -109,7 +112,7 @@ def test_mode_by_interval(interval_s: float, mode: StatsMode, every: int) -> Non
 
 
 def test_zero_interval_is_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="interval must be positive"):
         make_poller(FakeEngine([]), 0)
 
 
@@ -127,7 +130,8 @@ def test_oneshot_ships_each_poll_and_ends_when_the_container_stops() -> None:
         assert [ts for _, ts, _ in got] == [t.ns for t in times if t is not None]
         first, second = (StatsEvent.model_validate(r) for _, _, r in got)
         assert first.cpu_percent is None  # one-shot: nothing to compare with yet
-        assert second.cpu_percent is not None and second.cpu_percent > 50
+        assert second.cpu_percent is not None
+        assert second.cpu_percent > 50
         assert poller.records_out == 2
 
     asyncio.run(main())
@@ -183,7 +187,7 @@ def test_stop_ends_the_task_and_start_twice_makes_one() -> None:
     async def main() -> None:
         shipped = asyncio.Event()
 
-        async def sink(tag: str, records: list[tuple[int, dict[str, Any]]]) -> None:
+        async def sink(_tag: str, _records: list[tuple[int, dict[str, Any]]]) -> None:
             shipped.set()
 
         engine = FakeEngine([BUSY[0]])  # then the next request hangs, as a slow engine's
@@ -208,7 +212,7 @@ def test_a_stop_during_a_blocked_delivery_still_delivers() -> None:
         entered, room = asyncio.Event(), asyncio.Event()
         got: list[str] = []
 
-        async def full_buffer(tag: str, records: list[tuple[int, dict[str, Any]]]) -> None:
+        async def full_buffer(tag: str, _records: list[tuple[int, dict[str, Any]]]) -> None:
             entered.set()
             await room.wait()
             got.append(tag)
@@ -220,7 +224,8 @@ def test_a_stop_during_a_blocked_delivery_still_delivers() -> None:
             await entered.wait()
         poller.stop(ContainerId(CID))
         await asyncio.wait([task], timeout=5)
-        assert task.done() and got == []
+        assert task.done()
+        assert got == []
         room.set()
         await poller.aclose()
         assert got == ["docker.stats.busy"]

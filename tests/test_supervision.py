@@ -16,8 +16,8 @@ from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.docker.follower import EngineLogSource
 from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RawLine
+from tests.helpers import CID
 
-CID = ContainerId("ab" * 32)
 S = 1_000_000_000
 T0 = 1_795_989_450 * S  # 2026-11-29T21:57:30Z
 
@@ -43,14 +43,15 @@ class FakeEngine:
         return ContainerInfo(id=cid, name="/web", running=False)
 
     async def log_bytes(
-        self, cid: str, *, follow: bool, since: str | None = None
+        self, _cid: str, *, follow: bool, since: str | None = None
     ) -> AsyncIterator[bytes]:
+        del follow  # in the real signature; unused here
         self.since.append(since)
         yield self.bodies.pop(0)
 
 
 def make_discovery(engine: Any, source: Any, got: list[LogLine]) -> Discovery:
-    async def sink(container: ContainerInfo, lines: list[LogLine], position: Position) -> None:
+    async def sink(_container: ContainerInfo, lines: list[LogLine], _position: Position) -> None:
         got.extend(lines)
 
     def no_wait() -> Iterator[float]:
@@ -113,8 +114,9 @@ class FailingSource:
         self.since: list[str | None] = []
 
     async def read(
-        self, container: ContainerInfo, *, since: str | None, follow: bool
+        self, _container: ContainerInfo, *, since: str | None, follow: bool
     ) -> AsyncIterator[list[RawLine]]:
+        del follow  # in the real signature; unused here
         self.since.append(since)
         if self.error is not None:
             error, self.error = self.error, None
@@ -152,6 +154,7 @@ class FlakyListing(FakeEngine):
         self.listings = 0
 
     async def list_container_ids(self, *, all: bool = False) -> list[ContainerId]:
+        del all  # in the real signature; unused here
         self.listings += 1
         if self.listings == 1:
             raise KeyError("Id")
@@ -161,14 +164,16 @@ class FlakyListing(FakeEngine):
         return ContainerInfo(id=cid, name="/web", running=True)
 
     async def events(self, *, since_ns: int | None) -> AsyncIterator[dict[str, Any]]:
+        del since_ns  # in the real signature; unused here
         await asyncio.Event().wait()
         yield {}
 
 
 class SilentSource:
     async def read(
-        self, container: ContainerInfo, *, since: str | None, follow: bool
+        self, _container: ContainerInfo, *, since: str | None, follow: bool
     ) -> AsyncIterator[list[RawLine]]:
+        del since, follow  # in the real signature; unused here
         await asyncio.Event().wait()
         yield []
 
@@ -179,7 +184,7 @@ def test_discovery_that_raises_is_logged_and_lists_again(caplog: pytest.LogCaptu
 
     async def main() -> None:
         followed = asyncio.Event()
-        discovery.on_container = lambda container: followed.set()
+        discovery.on_container = lambda _container: followed.set()
         task = asyncio.create_task(discovery.run())
         async with asyncio.timeout(10):
             await followed.wait()

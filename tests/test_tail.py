@@ -83,7 +83,8 @@ def test_resume_in_a_file_shorter_than_the_position_is_a_gap() -> None:
 
 def test_at_eof_waits_on_the_current_file() -> None:
     step = at_eof(ref(7), [cf(BASE + ".1", 6), cf(BASE, 7)], None)
-    assert step.wait and step.next is None
+    assert step.wait
+    assert step.next is None
 
 
 def test_at_eof_after_a_rotation_goes_to_the_successor() -> None:
@@ -229,7 +230,8 @@ def test_resume_at_a_position_after_compression(tmp_path: Path) -> None:
     again = FileTailer(tmp_path, NAMING, pos)
     events = again.read()
     assert numbers(events) == list(range(5, 14))
-    assert isinstance(events[0], Opened) and events[0].name == BASE + ".1.gz"
+    assert isinstance(events[0], Opened)
+    assert events[0].name == BASE + ".1.gz"
     assert events[0].offset == 4 * 12
 
 
@@ -246,7 +248,8 @@ def test_a_removed_directory_is_read_to_the_end_then_ended(tmp_path: Path) -> No
     os.rmdir(d)
     events += tailer.read()
     assert numbers(events) == list(range(1, 11))
-    assert isinstance(events[-1], Ended) and tailer.ended
+    assert isinstance(events[-1], Ended)
+    assert tailer.ended
 
 
 def test_follow_wakes_on_inotify_and_ends_with_the_directory(tmp_path: Path) -> None:

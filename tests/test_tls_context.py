@@ -8,7 +8,7 @@ import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +23,7 @@ from forwarder.forward.tls import (
     server_hostname,
 )
 from tests.harness.certs import PKI, CertPair, make_pki, openssl_available
+from tests.helpers import run
 
 # Every exchange with the local server finishes well within this, or the test fails.
 DEADLINE_S = 10.0
@@ -35,14 +36,6 @@ pytestmark = pytest.mark.skipif(not openssl_available(), reason="needs the opens
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(DEADLINE_S):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 # --- a TLS server -------------------------------------------------------------------------

@@ -434,7 +434,9 @@ class TtyReader:
 
     # "<30-byte timestamp> <text>\r\n" back to back; a long line's pieces are
     # "<TS1> <16384 bytes><TS1> <rest>\r\n"; an exit's tail is "<TS1> <text><TS2> <next>...".
-    def _parse(self, src: bytes, final: bool, out: list[RawLine]) -> int:
+    # One loop with its locals hoisted, long on purpose: every TTY log byte passes here, and
+    # bench/bench_frames.py (TtyReader.feed) measures what helper calls per line would cost.
+    def _parse(self, src: bytes, final: bool, out: list[RawLine]) -> int:  # noqa: C901
         self._need = 0
         end = len(src)
         piece = self._piece_bytes

@@ -282,12 +282,8 @@ class ResponseReader:
 
     def feed(self, data: bytes) -> bytes:
         """Parse ``data``; returns the body bytes it completes."""
-        if self._broken is not None:
-            raise ReaderUsageError(f"the response is already broken: {self._broken}")
-        if self._state is ReaderState.DONE:
-            if not data:
-                return b""
-            self._fail(f"{len(data)} bytes after the end of the response", self._received)
+        if self._is_done(data):
+            return b""
         pending = self._pending
         buf = pending + data if pending else data
         base = self._received - len(pending)  # stream offset of buf[0]
@@ -302,26 +298,14 @@ class ResponseReader:
                 elif state is ReaderState.HEAD:
                     pos = self._head(buf, pos, base, len(pending))
                 elif state is ReaderState.FIXED_LENGTH:
-                    take = min(self._fixed_left, len(buf) - pos)
-                    if take:
-                        out.append(buf[pos : pos + take])
-                        pos += take
-                        self._fixed_left -= take
-                    if not self._fixed_left:
-                        self._enter(ReaderState.DONE)
+                    pos = self._fixed_length(buf, pos, out)
                 elif state is ReaderState.UNTIL_EOF:
-                    if pos < len(buf):
-                        out.append(buf[pos:])
-                        pos = len(buf)
+                    out.append(buf[pos:])
+                    pos = len(buf)
                 elif state is ReaderState.TRAILERS:
                     pos = self._trailers(buf, pos, base)
                 if self._state is ReaderState.DONE:
-                    if pos < len(buf):
-                        self._fail(
-                            f"{len(buf) - pos} bytes after the end of the response: "
-                            f"{_show(buf[pos:])}",
-                            base + pos,
-                        )
+                    self._refuse_after_done(buf, pos, base)
                     break
                 if self._state is state:
                     break  # it took what it could: the rest needs more bytes
@@ -334,6 +318,36 @@ class ResponseReader:
         if not out:
             return b""
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def _is_done(self, data: bytes) -> bool:
+        """Whether the response was complete before ``data``, which must then be empty; a
+        broken response takes no more."""
+        if self._broken is not None:
+            raise ReaderUsageError(f"the response is already broken: {self._broken}")
+        if self._state is not ReaderState.DONE:
+            return False
+        if data:
+            self._fail(f"{len(data)} bytes after the end of the response", self._received)
+        return True
+
+    def _fixed_length(self, buf: bytes, pos: int, out: list[bytes]) -> int:
+        """Take the Content-Length body's bytes from ``pos``; the new position."""
+        take = min(self._fixed_left, len(buf) - pos)
+        if take:
+            out.append(buf[pos : pos + take])
+            pos += take
+            self._fixed_left -= take
+        if not self._fixed_left:
+            self._enter(ReaderState.DONE)
+        return pos
+
+    def _refuse_after_done(self, buf: bytes, pos: int, base: int) -> None:
+        """Bytes past the end of the response are the server's fault."""
+        if pos < len(buf):
+            self._fail(
+                f"{len(buf) - pos} bytes after the end of the response: {_show(buf[pos:])}",
+                base + pos,
+            )
 
     def feed_eof(self) -> None:
         """The peer closed the connection: the end of a body delimited by EOF; anywhere

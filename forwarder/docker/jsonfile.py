@@ -166,7 +166,7 @@ class JsonFileParser:
         block = buf[:cut] if self._tail else buf
         try:
             entries = _decoder.decode_lines(block)
-            return JsonFileChunk(self._convert(entries, start, garbled), self._base, garbled)
+            return JsonFileChunk(self._convert(entries), self._base, garbled)
         except (msgspec.DecodeError, msgspec.ValidationError, EngineStreamError):
             return JsonFileChunk(self._line_by_line(block, start, garbled), self._base, garbled)
 
@@ -181,7 +181,7 @@ class JsonFileParser:
         self._skipping = False
         return JsonFileChunk([], self._base, garbled)
 
-    def _convert(self, entries: list[_Entry], start: int, garbled: list[Garbled]) -> list[RawLine]:
+    def _convert(self, entries: list[_Entry]) -> list[RawLine]:
         """Entries -> lines; raises EngineStreamError on a bad time (the caller retries the
         block line by line, which names the line)."""
         out: list[RawLine] = []
@@ -223,7 +223,7 @@ class JsonFileParser:
             if not raw.strip():
                 continue
             try:
-                out.extend(self._convert([_decoder.decode(raw)], here, garbled))
+                out.extend(self._convert([_decoder.decode(raw)]))
             except (msgspec.DecodeError, msgspec.ValidationError, EngineStreamError) as exc:
                 garbled.append(Garbled(here, str(exc), raw[:_SHOW]))
         return out

@@ -311,7 +311,8 @@ class ForwardConnection:
             raise ConnectError(_os_reason(exc)) from exc
         if ep.scheme != "tls":
             return
-        assert stream.transport is not None and self._ssl is not None
+        assert stream.transport is not None
+        assert self._ssl is not None
         try:
             async with asyncio.timeout_at(deadline):
                 transport = await loop.start_tls(

@@ -694,7 +694,7 @@ class CountingReceiver(_ForwardServer):
         with self._lock:
             self.bytes_received += n
 
-    def _on_message(self, sock: socket.socket, conn_id: int, obj: object) -> None:
+    def _on_message(self, sock: socket.socket, _conn_id: int, obj: object) -> None:
         if not isinstance(obj, list) or len(obj) < 2:
             raise SenderProtocolError(f"not a Forward message: {obj!r:.200}")
         second = obj[1]
@@ -856,7 +856,8 @@ class NodeReceiver:
         self.starts += 1
         listening: list[int] = []
         stdout_done = threading.Event()
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
         self._readers = [
             threading.Thread(
                 target=self._read_stdout,
