@@ -152,9 +152,15 @@ class Collector:
 class Checkpointer:
     """Saves committed positions after deliveries, coalescing saves that pile up."""
 
-    def __init__(self, store: PositionStore, tracker: PositionTracker) -> None:
+    def __init__(
+        self,
+        store: PositionStore,
+        tracker: PositionTracker,
+        engine_seen_ns: Callable[[], int | None],
+    ) -> None:
         self.store = store
         self.tracker = tracker
+        self.engine_seen_ns = engine_seen_ns
         self._dirty = asyncio.Event()
         self.saves = 0
 
@@ -164,7 +170,8 @@ class Checkpointer:
     async def save_now(self) -> None:
         self._dirty.clear()
         snapshot = dict(self.tracker.committed)
-        await asyncio.to_thread(self.store.save, snapshot, time.time_ns())
+        seen_ns = self.engine_seen_ns()
+        await asyncio.to_thread(self.store.save, snapshot, time.time_ns(), seen_ns)
         self.saves += 1
 
     async def run(self) -> None:
@@ -208,8 +215,9 @@ class Pipeline:
     def __init__(self, config: Config, *, stdout: TextIO | None = None) -> None:
         self.config = config
         self.store = PositionStore(config.state.dir)
-        committed, last_run_ns = self.store.load()
-        self.first_start = last_run_ns is None
+        saved = self.store.load()
+        committed = saved.positions
+        self.first_start = saved.first_start
         self.tracker = PositionTracker(committed)
         buffer_cfg = config.buffer
         self.buffer = ChunkBuffer(
@@ -222,7 +230,13 @@ class Pipeline:
             on_durable=self._durable,
         )
         self.collector = Collector(config, self.buffer, self.tracker)
-        self.checkpointer = Checkpointer(self.store, self.tracker)
+        self.checkpointer = Checkpointer(
+            self.store,
+            self.tracker,
+            # Only a run that reached the engine moves the horizon; one that did not keeps
+            # the last one's, so that its successor still catches up (or starts fresh).
+            lambda: self.discovery.watched_ns or saved.engine_seen_ns,
+        )
         self.engine = Engine(config.docker.host)
         self._forget_later: set[ContainerId] = set()
         stats_interval_s = config.stats.interval.total_seconds()
@@ -243,11 +257,12 @@ class Pipeline:
             sink=self.collector.add_lines,
             positions=dict(committed),
             first_start=self.first_start,
-            last_run_ns=last_run_ns,
+            last_run_ns=saved.engine_seen_ns,
             on_gone=self._on_gone,
             on_event=self._on_event,
             on_container=self._on_container,
             on_stopped=self._on_stopped,
+            on_listed=self._on_listed,
         )
         self.output: ForwardOutput | StdoutOutput
         if config.output.mode == "stdout":
@@ -284,6 +299,13 @@ class Pipeline:
         self._forget_later.add(cid)
         self.collector.forget(cid)
         self._forget_done()
+
+    def _on_listed(self, from_now: dict[ContainerId, Position]) -> None:
+        """Saved at once: from here on a start is a restart, and the containers read from
+        now on resume where they began, even if none of their lines is delivered yet."""
+        for cid, position in from_now.items():
+            self.tracker.start_at(cid, position)
+        self.checkpointer.mark()
 
     def _on_container(self, container: ContainerInfo) -> None:
         if self.stats is not None:
@@ -346,7 +368,7 @@ class Pipeline:
             log.info(
                 "disk buffer: %d chunks from the last run, delivered first", self.buffer.disk_chunks
             )
-        # Written at once, so that a later start knows this one happened (and when).
+        # Written at once (a run that never reaches the engine leaves what it found).
         await self.checkpointer.save_now()
         spawn = asyncio.create_task
         self._output_task = spawn(self.output.run(), name="output")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.checkpoint import PositionStore, PositionTracker
+from forwarder.checkpoint import PositionStore, PositionTracker, SavedState
 from forwarder.events import ContainerId, Position
 
 A, B = ContainerId("a" * 64), ContainerId("b" * 64)
@@ -38,9 +38,9 @@ def test_unknown_delivery_is_ignored() -> None:
 
 def test_store_round_trip_and_atomic_replace(tmp_path: Path) -> None:
     store = PositionStore(tmp_path / "state")
-    assert store.load() == ({}, None)
-    store.save({A: Position(1_700_000_000_123_456_789, 2)}, now_ns=42)
-    assert store.load() == ({A: Position(1_700_000_000_123_456_789, 2)}, 42)
+    assert store.load() == SavedState({}, None)
+    store.save({A: Position(1_700_000_000_123_456_789, 2)}, now_ns=42, engine_seen_ns=40)
+    assert store.load() == SavedState({A: Position(1_700_000_000_123_456_789, 2)}, 40)
     assert not list((tmp_path / "state").glob("*.tmp"))
     data = json.loads(store.path.read_text())
     assert data["positions"][A] == [1_700_000_000_123_456_789, 2]
@@ -51,7 +51,10 @@ def test_damaged_store_is_set_aside_and_reported(
 ) -> None:
     store = PositionStore(tmp_path)
     store.path.write_text('{"positions": {"x": ')
-    assert store.load() == ({}, None)
+    written_ns = store.path.stat().st_mtime_ns
+    # A run was here: a restart (from the head, replaying rather than losing), and the
+    # containers that finished since the file was written are caught up.
+    assert store.load() == SavedState({}, written_ns)
     assert "damaged" in caplog.text
     assert (tmp_path / "positions.json.damaged").exists()
 
@@ -60,5 +63,48 @@ def test_save_fsyncs_file_and_directory(tmp_path: Path, monkeypatch: pytest.Monk
     calls: list[int] = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
-    PositionStore(tmp_path).save({}, 1)
+    PositionStore(tmp_path).save({}, 1, None)
     assert len(calls) == 2
+
+
+def test_a_run_that_never_reached_the_engine_leaves_a_first_start(tmp_path: Path) -> None:
+    store = PositionStore(tmp_path)
+    store.save({}, now_ns=42, engine_seen_ns=None)
+    assert store.path.exists()
+    assert store.load().first_start
+
+
+def test_a_run_that_listed_the_engine_makes_the_next_a_restart(tmp_path: Path) -> None:
+    store = PositionStore(tmp_path)
+    store.save({}, now_ns=42, engine_seen_ns=41)  # no container, yet the engine was seen
+    saved = store.load()
+    assert not saved.first_start
+    assert saved.engine_seen_ns == 41
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # Positions prove that containers were followed: a restart, as before.
+        ({"positions": {A: [10, 1]}, "saved_at_ns": 50}, SavedState({A: Position(10, 1)}, 50)),
+        # An empty file proves nothing (the run that wrote it may never have reached the
+        # engine): a first start, so read_from = "tail" holds and no history floods out.
+        ({"positions": {}, "saved_at_ns": 50}, SavedState({}, None)),
+    ],
+)
+def test_a_file_from_before_engine_seen_ns(
+    tmp_path: Path, body: dict[str, object], expected: SavedState
+) -> None:
+    store = PositionStore(tmp_path)
+    store.path.write_text(json.dumps({"version": 1, **body}))
+    assert store.load() == expected
+
+
+def test_a_position_to_start_at_commits_unless_one_is_known() -> None:
+    tracker = PositionTracker({A: Position(50, 3)})
+    tracker.start_at(A, Position(90, 0))
+    tracker.start_at(B, Position(90, 0))
+    assert tracker.committed == {A: Position(50, 3), B: Position(90, 0)}
+    tracker.sealed(1, {B: Position(95, 1)})
+    assert tracker.delivered(1)
+    assert tracker.committed[B] == Position(95, 1)
