@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
 from forwarder.buffer import ChunkBuffer, open_store
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 # let the last lines of a burst sit out a whole flush_interval. While the engine streams
 # a burst, reads follow each other far faster than this.
 QUIET_S = 0.02
+# Positions are saved at most this often (each save is two fsyncs); what was delivered since
+# the last save is what a crash sends again, on top of the chunks in flight.
+SAVE_INTERVAL_S = 0.1
 
 
 class Collector:
@@ -150,17 +153,23 @@ class Collector:
 
 
 class Checkpointer:
-    """Saves committed positions after deliveries, coalescing saves that pile up."""
+    """Saves committed positions after deliveries: at once after a quiet spell, then at most
+    once per ``interval_s``, the deliveries in between coalesced into one save."""
 
     def __init__(
         self,
         store: PositionStore,
         tracker: PositionTracker,
         engine_seen_ns: Callable[[], int | None],
+        *,
+        interval_s: float = SAVE_INTERVAL_S,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.store = store
         self.tracker = tracker
         self.engine_seen_ns = engine_seen_ns
+        self.interval_s = interval_s
+        self._sleep = sleep
         self._dirty = asyncio.Event()
         self.saves = 0
 
@@ -183,6 +192,8 @@ class Checkpointer:
                 log.error("can't save positions to %s: %s", self.store.path, exc)
                 await asyncio.sleep(1)
                 self._dirty.set()
+                continue
+            await self._sleep(self.interval_s)
 
 
 class StdoutOutput:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 
 from forwarder.checkpoint import PositionStore, PositionTracker, SavedState
 from forwarder.events import ContainerId, Position
+from forwarder.pipeline import Checkpointer
 
 A, B = ContainerId("a" * 64), ContainerId("b" * 64)
 
@@ -108,3 +110,52 @@ def test_a_position_to_start_at_commits_unless_one_is_known() -> None:
     tracker.sealed(1, {B: Position(95, 1)})
     assert tracker.delivered(1)
     assert tracker.committed[B] == Position(95, 1)
+
+
+class RecordingStore(PositionStore):
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.saved: list[dict[ContainerId, Position]] = []
+
+    def save(
+        self, positions: dict[ContainerId, Position], now_ns: int, engine_seen_ns: int | None
+    ) -> None:
+        self.saved.append(positions)
+
+
+def test_saves_are_coalesced_to_one_per_interval(tmp_path: Path) -> None:
+    """Not one save (two fsyncs) per ack: the first at once, then the deliveries of each
+    interval in one save."""
+
+    async def main() -> None:
+        store = RecordingStore(tmp_path)
+        tracker = PositionTracker()
+        interval_over = asyncio.Event()
+        sleeping = asyncio.Event()
+        intervals: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            intervals.append(seconds)
+            sleeping.set()
+            await interval_over.wait()
+            interval_over.clear()
+
+        checkpointer = Checkpointer(store, tracker, lambda: None, interval_s=0.1, sleep=sleep)
+        task = asyncio.create_task(checkpointer.run())
+        tracker.start_at(A, Position(1, 0))
+        checkpointer.mark()
+        await sleeping.wait()
+        sleeping.clear()
+        assert store.saved == [{A: Position(1, 0)}]
+        for n in range(2, 50):  # acks while the interval runs
+            tracker.committed[A] = Position(n, 1)
+            checkpointer.mark()
+            await asyncio.sleep(0)
+        assert len(store.saved) == 1
+        interval_over.set()
+        await sleeping.wait()
+        assert store.saved == [{A: Position(1, 0)}, {A: Position(49, 1)}]
+        assert intervals == [0.1, 0.1]
+        task.cancel()
+
+    asyncio.run(main())
