@@ -306,8 +306,10 @@ def test_a_torn_disk_buffer_tail_is_reported_and_the_rest_delivered(
     os.truncate(last, size - 50)  # the middle of its last record, as a crash would leave it
     forward_receiver.start()
     collector.start()
-    records = forward_receiver.wait_for(all_arrived(cid, "t4000"), 60)
-    wait_until(lambda: "damaged" in collector.log(), timeout=10, what="the damage warning")
+    forward_receiver.wait_for(all_arrived(cid, "t4000"), 60)
+    # The rest of the backlog may still be on its way: a clean stop delivers what is held.
+    assert collector.terminate()[0] == 0
+    records = forward_receiver.wait_for(0)
     warnings = [line for line in collector.log().splitlines() if "damaged" in line]
     assert len(warnings) == 1 and last.name in warnings[0]
     got = {text for _, text in received(records, cid)}
