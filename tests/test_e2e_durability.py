@@ -366,3 +366,25 @@ def test_a_container_that_lived_while_the_collector_was_down(
     records = forward_receiver.wait_for(all_arrived(cid, "d1000"), 60)
     assert tally(records, cid, engine_lines(engine, cid), "lived while down") == (0, 0)
     assert texts(engine_lines(engine, cid)) == [f"d{i}" for i in range(1, 1001)]
+
+
+def test_a_run_that_never_reached_the_engine_keeps_the_catch_up_horizon(
+    engine: Engine,
+    forward_receiver: ForwardReceiver,
+    make_collector: MakeCollector,
+    tmp_path: Path,
+) -> None:
+    """A container lives and exits while the collector is down; a run with a wrong socket
+    comes and goes meanwhile. It never saw the engine, so the next run still reads the
+    container (its own save time must not become the catch-up horizon)."""
+    collector = make_collector(forward_receiver.address)
+    assert collector.terminate()[0] == 0
+    cid = engine.run("sh", "-c", "seq 1 1000 | sed 's/^/w/'")
+    engine.wait_exited(cid)
+    wrong = make_collector(
+        forward_receiver.address, docker={"host": f"unix://{tmp_path}/no-engine.sock"}
+    )
+    assert wrong.terminate()[0] == 0
+    collector.start()
+    records = forward_receiver.wait_for(all_arrived(cid, "w1000"), 30)
+    assert tally(records, cid, engine_lines(engine, cid), "after a run without engine") == (0, 0)

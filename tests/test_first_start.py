@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from forwarder.checkpoint import PositionStore, SavedState
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.docker.engine import EngineUnavailableError
@@ -138,3 +139,18 @@ def test_a_run_that_never_reached_the_engine_leaves_the_next_a_first_start(
     asyncio.run(run_once())
     assert (tmp_path / "positions.json").exists()
     assert Pipeline(pipeline_config(tmp_path, f"unix://{tmp_path}/nothing.sock")).first_start
+
+
+def test_a_run_that_never_reached_the_engine_keeps_the_last_horizon(tmp_path: Path) -> None:
+    """The stopped-containers catch-up starts where the last run that saw the engine left
+    off, not where a run that never saw it saved its file."""
+    PositionStore(tmp_path).save({CID: Position(5, 1)}, now_ns=NOW, engine_seen_ns=NOW - 7)
+
+    async def run_once() -> None:
+        pipeline = Pipeline(pipeline_config(tmp_path, f"unix://{tmp_path}/nothing.sock"))
+        assert not pipeline.first_start
+        await pipeline.start()
+        await pipeline.shutdown(1.0)
+
+    asyncio.run(run_once())
+    assert PositionStore(tmp_path).load() == SavedState({CID: Position(5, 1)}, NOW - 7)
