@@ -359,9 +359,10 @@ class ChunkBuffer:
             count = self._unrecorded
             try:
                 await asyncio.to_thread(self.store.persist_releases)
-            except OSError as exc:
+            except Exception as exc:
                 # They stay pending in the store and ride the next append (or the close):
-                # delivered chunks may be sent again after a crash, never lost.
+                # delivered chunks may be sent again after a crash, never lost. The output
+                # must not wait for them meanwhile.
                 log.warning("disk buffer: can't write release records: %s", exc)
                 count = self._unrecorded
             async with self._changed:

@@ -186,6 +186,28 @@ def test_no_chunk_leaves_the_disk_while_too_many_releases_are_unwritten(
     run(scenario())
 
 
+def test_a_failing_release_write_is_logged_and_holds_nothing_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        store = open_store(tmp_path, 1 << 20)
+
+        def broken() -> None:
+            raise OSError("No space left on device")
+
+        store.persist_releases = broken  # type: ignore[method-assign]
+        buffer = ChunkBuffer(1 << 20, store=store)
+        await backlog_on_disk(buffer, UNRECORDED_RELEASES + 2)
+        for _ in range(UNRECORDED_RELEASES + 2):
+            await buffer.done(await buffer.get())  # never waits for the broken disk
+        await buffer.wait_recorded()
+        await buffer.close()  # the close writes the releases after all
+        assert store.live_chunks == 0
+
+    run(scenario())
+    assert "can't write release records: No space left on device" in caplog.text
+
+
 def test_always_mode_writes_every_chunk_before_it_is_sent(tmp_path: Path) -> None:
     durable: list[int] = []
 
