@@ -13,6 +13,13 @@ under ``[state] dir``/buffer (:mod:`forwarder.segments`) when
 A chunk written to disk is *durable*: ``on_durable`` lets its positions commit, because a
 restart will replay it. On start the disk backlog from the last run is queued first.
 
+A delivered chunk is released on disk by a release record (:mod:`forwarder.segments`). The
+records are written as soon as the releases come, one write and fsync for all that came
+meanwhile, not lazily with the next chunk appended: after a backlog drains no chunk may be
+appended for hours, and a crash would then send the whole backlog again. The chunks that are
+delivered but not yet recorded as such, which a crash sends again, are capped by design at
+``UNRECORDED_RELEASES``: the output takes no further chunk from disk while that many wait.
+
 When the disk is full too, ``[buffer] overflow`` decides: ``"block"`` makes ``put`` wait (the
 followers pause, and the engine's log files hold the data); ``"drop_oldest"`` drops the oldest
 chunk on disk and counts and logs it. Nothing is dropped any other way.
@@ -38,6 +45,11 @@ from forwarder.segments import (
 )
 
 log = logging.getLogger(__name__)
+
+# Delivered disk chunks whose release may not be on disk yet (a crash sends them again): at
+# most this many, plus the chunks in flight. While the disk keeps up, a release record is
+# written as soon as its ack comes, with whatever else came during the last write.
+UNRECORDED_RELEASES = 2
 
 
 @dataclass(slots=True)
@@ -71,6 +83,8 @@ class ChunkBuffer:
         self._pending: list[tuple[Chunk, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._releases = 0  # deliveries so far: each may free disk room
+        self._unrecorded = 0  # disk chunks released, their release record not written yet
+        self._recorder: asyncio.Task[None] | None = None
         self.waiting_puts = 0
         self.dropped_chunks = 0
         self.dropped_records = 0
@@ -91,6 +105,11 @@ class ChunkBuffer:
     @property
     def queued(self) -> int:
         return len(self._memory) + len(self._disk) + len(self._pending)
+
+    @property
+    def unrecorded_releases(self) -> int:
+        """Delivered disk chunks whose release is not written yet: a crash sends them again."""
+        return self._unrecorded
 
     @property
     def disk_chunks(self) -> int:
@@ -253,11 +272,17 @@ class ChunkBuffer:
 
     # --- out ------------------------------------------------------------------------------
 
+    def _can_get(self) -> bool:
+        if self._disk:
+            return self._unrecorded < UNRECORDED_RELEASES
+        return bool(self._memory)
+
     async def get(self) -> Chunk:
-        """The oldest chunk: the disk backlog first, then memory."""
+        """The oldest chunk: the disk backlog first, then memory. A chunk from disk waits
+        while too many delivered ones are not yet recorded as released."""
         while True:
             async with self._changed:
-                await self._changed.wait_for(lambda: bool(self._disk or self._memory))
+                await self._changed.wait_for(self._can_get)
                 if not self._disk:
                     return self._memory.popleft()
                 entry = self._disk.popleft()
@@ -323,10 +348,14 @@ class ChunkBuffer:
         async with self._changed:
             self._held -= chunk.size
             self._releases += 1
-            if self.store is not None:
-                # Also when not marked stored yet: an ack can beat the chunk's own disk write
-                # (mode "always"), and the store keeps such an early release.
-                self.store.release(chunk.chunk_id)
+            # Also when not marked stored yet: an ack can beat the chunk's own disk write
+            # (mode "always"), and the store keeps such an early release.
+            if self.store is not None and self.store.release(chunk.chunk_id):
+                self._unrecorded += 1
+                if self._recorder is None or self._recorder.done():
+                    self._recorder = asyncio.create_task(
+                        self._record_releases(), name="buffer releases"
+                    )
             self._changed.notify_all()
 
     def _empty(self) -> bool:
@@ -336,6 +365,29 @@ class ChunkBuffer:
         """No server took a chunk since the last stall, and everything queued is durable on
         disk (the output holds nothing while it waits for a server): a restart replays it."""
         return self._stalled and not self._memory and not self._pending
+
+    async def _record_releases(self) -> None:
+        """Writes release records while there are releases to write: each write takes all
+        that came during the one before."""
+        assert self.store is not None
+        while self._unrecorded:
+            count = self._unrecorded
+            try:
+                await asyncio.to_thread(self.store.persist_releases)
+            except Exception as exc:
+                # They stay pending in the store and ride the next append (or the close):
+                # delivered chunks may be sent again after a crash, never lost. The output
+                # must not wait for them meanwhile.
+                log.warning("disk buffer: can't write release records: %s", exc)
+                count = self._unrecorded
+            async with self._changed:
+                self._unrecorded -= count
+                self._changed.notify_all()
+
+    async def wait_recorded(self) -> None:
+        """Until every delivery so far is recorded on disk (a crash would not resend it)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._unrecorded == 0)
 
     async def wait_empty(self) -> None:
         async with self._changed:
@@ -356,6 +408,8 @@ class ChunkBuffer:
             return 0
         if self._writer is not None:
             self._writer.cancel()
+        if self._recorder is not None:
+            self._recorder.cancel()  # the store's close writes what is left
         spill = [c for c in [*self._memory, *(c for c, _ in self._pending)] if not c.stored]
         self._memory.clear()
         written = 0

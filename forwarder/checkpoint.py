@@ -7,6 +7,13 @@ over an earlier chunk that is still in flight.
 
 Positions are saved as JSON under the state directory: write a temp file, fsync, rename,
 fsync the directory. A crash leaves either the old file or the new one, never half of one.
+
+Beside the positions the file says up to when a run from this state watched the engine
+(``engine_seen_ns``): absent until a run has listed the engine's containers. That, not the
+file's existence, is what makes a start a restart: a run that never reached the engine (a
+wrong socket, say) writes the file all the same, and its successor must still apply
+``read_from`` as a first start does. It is also the horizon of the stopped-containers
+catch-up, so a run that never saw the engine must not move it either.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +67,11 @@ class PositionTracker:
     def in_flight(self, cid: ContainerId) -> bool:
         return any(cid in positions for positions, _ in self._pending.values())
 
+    def start_at(self, cid: ContainerId, position: Position) -> None:
+        """A container is read from ``position`` on (``read_from = "tail"``): nothing before
+        it is ever to be sent, so it commits at once, unless a position is known already."""
+        self.committed.setdefault(cid, position)
+
     def forget(self, cid: ContainerId) -> None:
         """Drop a removed container's position (only once nothing of it is in flight)."""
         self.committed.pop(cid, None)
@@ -68,6 +81,22 @@ class PositionTracker:
         return len(self._pending)
 
 
+@dataclass(frozen=True, slots=True)
+class SavedState:
+    """What the positions file holds."""
+
+    positions: dict[ContainerId, Position] = field(default_factory=dict)
+    engine_seen_ns: int | None = None
+    """Up to when a run from this state watched the engine (listed its containers, then
+    followed its events); None if no run ever reached it. Containers that finished later
+    may hold lines not read yet."""
+
+    @property
+    def first_start(self) -> bool:
+        """No run from this state ever reached the engine, so none followed a container."""
+        return self.engine_seen_ns is None
+
+
 class PositionStore:
     """The positions file under the state directory."""
 
@@ -75,31 +104,46 @@ class PositionStore:
         self.dir = state_dir
         self.path = state_dir / "positions.json"
 
-    def load(self) -> tuple[dict[ContainerId, Position], int | None]:
-        """Saved positions and the time (ns) of the last save, or empty on a first start."""
+    def load(self) -> SavedState:
+        """The saved state; an empty one (a first start) if there is no file."""
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
-            return {}, None
+            return SavedState()
         try:
             data = json.loads(raw)
             positions = {
                 ContainerId(cid): Position(int(p[0]), int(p[1]))
                 for cid, p in data["positions"].items()
             }
-            return positions, int(data.get("saved_at_ns") or 0) or None
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
-            # A damaged file can't be trusted; starting over replays rather than loses.
+            if "engine_seen_ns" in data:
+                seen = data["engine_seen_ns"]
+                return SavedState(positions, None if seen is None else int(seen))
+            # Written before engine_seen_ns existed. Positions prove that a run followed
+            # containers (up to its last save, as far as it can tell). A file without any
+            # proves nothing: the run that wrote it may never have reached the engine, and
+            # taking it for a restart would send every running container's whole history.
+            if positions:
+                return SavedState(positions, int(data.get("saved_at_ns") or 0))
+            return SavedState()
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            # A damaged file can't be trusted, but it shows that a run was here: starting
+            # over as a restart replays rather than loses (no "tail" that skips lines), and
+            # containers that finished after the file was last written are caught up.
+            seen_ns = self.path.stat().st_mtime_ns
             broken = self.path.with_suffix(".json.damaged")
             os.replace(self.path, broken)
             log.warning("positions file %s is damaged (%s); moved to %s", self.path, exc, broken)
-            return {}, None
+            return SavedState({}, seen_ns)
 
-    def save(self, positions: dict[ContainerId, Position], now_ns: int) -> None:
+    def save(
+        self, positions: dict[ContainerId, Position], now_ns: int, engine_seen_ns: int | None
+    ) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         body: dict[str, Any] = {
             "version": FORMAT_VERSION,
             "saved_at_ns": now_ns,
+            "engine_seen_ns": engine_seen_ns,
             "positions": {cid: [p.ts_ns, p.taken] for cid, p in sorted(positions.items())},
         }
         data = json.dumps(body, separators=(",", ":")).encode()

@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
 from forwarder.buffer import ChunkBuffer, open_store
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 # let the last lines of a burst sit out a whole flush_interval. While the engine streams
 # a burst, reads follow each other far faster than this.
 QUIET_S = 0.02
+# Positions are saved at most this often (each save is two fsyncs); what was delivered since
+# the last save is what a crash sends again, on top of the chunks in flight.
+SAVE_INTERVAL_S = 0.1
 
 
 class Collector:
@@ -157,11 +160,23 @@ class Collector:
 
 
 class Checkpointer:
-    """Saves committed positions after deliveries, coalescing saves that pile up."""
+    """Saves committed positions after deliveries: at once after a quiet spell, then at most
+    once per ``interval_s``, the deliveries in between coalesced into one save."""
 
-    def __init__(self, store: PositionStore, tracker: PositionTracker) -> None:
+    def __init__(
+        self,
+        store: PositionStore,
+        tracker: PositionTracker,
+        engine_seen_ns: Callable[[], int | None],
+        *,
+        interval_s: float = SAVE_INTERVAL_S,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.store = store
         self.tracker = tracker
+        self.engine_seen_ns = engine_seen_ns
+        self.interval_s = interval_s
+        self._sleep = sleep
         self._dirty = asyncio.Event()
         self.saves = 0
 
@@ -171,7 +186,8 @@ class Checkpointer:
     async def save_now(self) -> None:
         self._dirty.clear()
         snapshot = dict(self.tracker.committed)
-        await asyncio.to_thread(self.store.save, snapshot, time.time_ns())
+        seen_ns = self.engine_seen_ns()
+        await asyncio.to_thread(self.store.save, snapshot, time.time_ns(), seen_ns)
         self.saves += 1
 
     async def run(self) -> None:
@@ -183,6 +199,8 @@ class Checkpointer:
                 log.error("can't save positions to %s: %s", self.store.path, exc)
                 await asyncio.sleep(1)
                 self._dirty.set()
+                continue
+            await self._sleep(self.interval_s)
 
 
 class StdoutOutput:
@@ -215,8 +233,9 @@ class Pipeline:
     def __init__(self, config: Config, *, stdout: TextIO | None = None) -> None:
         self.config = config
         self.store = PositionStore(config.state.dir)
-        committed, last_run_ns = self.store.load()
-        self.first_start = last_run_ns is None
+        saved = self.store.load()
+        committed = saved.positions
+        self.first_start = saved.first_start
         self.tracker = PositionTracker(committed)
         buffer_cfg = config.buffer
         self.buffer = ChunkBuffer(
@@ -229,7 +248,13 @@ class Pipeline:
             on_durable=self._durable,
         )
         self.collector = Collector(config, self.buffer, self.tracker)
-        self.checkpointer = Checkpointer(self.store, self.tracker)
+        self.checkpointer = Checkpointer(
+            self.store,
+            self.tracker,
+            # Only a run that reached the engine moves the horizon; one that did not keeps
+            # the last one's, so that its successor still catches up (or starts fresh).
+            lambda: self.discovery.watched_ns or saved.engine_seen_ns,
+        )
         self.engine = Engine(config.docker.host)
         self._forget_later: set[ContainerId] = set()
         stats_interval_s = config.stats.interval.total_seconds()
@@ -249,11 +274,12 @@ class Pipeline:
             sink=self.collector.add_lines,
             positions=dict(committed),
             first_start=self.first_start,
-            last_run_ns=last_run_ns,
+            last_run_ns=saved.engine_seen_ns,
             on_gone=self._on_gone,
             on_event=self._on_event,
             on_container=self._on_container,
             on_stopped=self._on_stopped,
+            on_listed=self._on_listed,
         )
         self.output: ForwardOutput | StdoutOutput
         if config.output.mode == "stdout":
@@ -290,6 +316,13 @@ class Pipeline:
         self._forget_later.add(cid)
         self.collector.forget(cid)
         self._forget_done()
+
+    def _on_listed(self, from_now: dict[ContainerId, Position]) -> None:
+        """Saved at once: from here on a start is a restart, and the containers read from
+        now on resume where they began, even if none of their lines is delivered yet."""
+        for cid, position in from_now.items():
+            self.tracker.start_at(cid, position)
+        self.checkpointer.mark()
 
     def _on_container(self, container: ContainerInfo) -> None:
         if self.stats is not None:
@@ -368,7 +401,7 @@ class Pipeline:
             log.info(
                 "disk buffer: %d chunks from the last run, delivered first", self.buffer.disk_chunks
             )
-        # Written at once, so that a later start knows this one happened (and when).
+        # Written at once (a run that never reaches the engine leaves what it found).
         await self.checkpointer.save_now()
         spawn = asyncio.create_task
         self._output_task = spawn(self.output.run(), name="output")

@@ -31,9 +31,10 @@ Releases
 A release is persisted as a release record appended to the *current* segment, not in a sidecar
 file per segment: it rides the next append's write and fsync for free (group commit), there is
 one framing and one recovery path for both kinds, and no extra files to create and fsync into
-the directory. Releases are written lazily (with the next append, by `persist_releases`, or by
-`close`), so after a crash a few delivered chunks may be replayed: at-least-once. After a clean
-`close` none is.
+the directory. Releases are written with the next append, by `persist_releases`, or by
+`close`; a crash replays the delivered chunks whose release was not written yet:
+at-least-once. After a clean `close` none is. The buffer (:mod:`forwarder.buffer`) calls
+`persist_releases` as soon as releases come, so that this window stays small.
 
 The cost of keeping releases in the current segment: a segment S whose release records name
 chunks of an older segment O must outlive O, or a restart would replay O's released chunks.

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 
-from forwarder.buffer import ChunkBuffer, open_store
+from forwarder.buffer import UNRECORDED_RELEASES, ChunkBuffer, open_store
 from forwarder.chunks import Chunk, new_chunk_id
 from forwarder.records import Position
 from forwarder.segments import SegmentStore
@@ -110,6 +111,91 @@ def test_the_backlog_survives_a_restart(tmp_path: Path) -> None:
         return buffer.disk_chunks
 
     assert run(third_run()) == 0  # delivered chunks are not replayed
+
+
+async def backlog_on_disk(buffer: ChunkBuffer, count: int) -> None:
+    await buffer.open()
+    for seq in range(1, count + 1):
+        await buffer.put(chunk(seq))
+    await buffer.stall(await buffer.get())  # no server: all of it goes to disk
+    assert buffer.disk_chunks == count
+
+
+def test_releases_are_written_when_a_backlog_drains_not_with_the_next_append(
+    tmp_path: Path,
+) -> None:
+    """After a backlog drains, no chunk may be appended for hours: the releases must not
+    wait for one, or a crash sends the whole backlog again."""
+
+    async def first_run() -> None:
+        buffer = ChunkBuffer(1 << 20, store=open_store(tmp_path, 1 << 20))
+        await backlog_on_disk(buffer, 3)
+        for _ in range(3):
+            await buffer.done(await buffer.get())
+        await buffer.wait_recorded()
+        # No close: the process is killed here.
+
+    async def after_a_crash() -> int:
+        buffer = ChunkBuffer(1 << 20, store=open_store(tmp_path, 1 << 20))
+        await buffer.open()
+        return buffer.disk_chunks
+
+    run(first_run())
+    assert run(after_a_crash()) == 0
+
+
+def test_no_chunk_leaves_the_disk_while_too_many_releases_are_unwritten(
+    tmp_path: Path,
+) -> None:
+    """What a crash sends again is bounded: the chunks in flight, plus at most
+    UNRECORDED_RELEASES delivered ones whose release is not on disk yet."""
+
+    async def scenario() -> None:
+        store = open_store(tmp_path, 1 << 20)
+        gate = threading.Event()
+        write = store.persist_releases
+
+        def slow_write() -> None:
+            gate.wait(5)
+            write()
+
+        store.persist_releases = slow_write  # type: ignore[method-assign]
+        buffer = ChunkBuffer(1 << 20, store=store)
+        await backlog_on_disk(buffer, UNRECORDED_RELEASES + 2)
+        for _ in range(UNRECORDED_RELEASES):
+            await buffer.done(await buffer.get())
+        assert buffer.unrecorded_releases == UNRECORDED_RELEASES
+        following = asyncio.create_task(buffer.get())
+        await settle()
+        assert not following.done()  # the disk is behind: the output waits for it
+        gate.set()
+        await following
+        await buffer.wait_recorded()
+        await buffer.close()
+
+    run(scenario())
+
+
+def test_a_failing_release_write_is_logged_and_holds_nothing_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        store = open_store(tmp_path, 1 << 20)
+
+        def broken() -> None:
+            raise OSError("No space left on device")
+
+        store.persist_releases = broken  # type: ignore[method-assign]
+        buffer = ChunkBuffer(1 << 20, store=store)
+        await backlog_on_disk(buffer, UNRECORDED_RELEASES + 2)
+        for _ in range(UNRECORDED_RELEASES + 2):
+            await buffer.done(await buffer.get())  # never waits for the broken disk
+        await buffer.wait_recorded()
+        await buffer.close()  # the close writes the releases after all
+        assert store.live_chunks == 0
+
+    run(scenario())
+    assert "can't write release records: No space left on device" in caplog.text
 
 
 def test_always_mode_writes_every_chunk_before_it_is_sent(tmp_path: Path) -> None:

@@ -7,12 +7,14 @@ receiver got: the records, their keys and times, nothing missing, nothing twice.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from forwarder.docker.frames import Demuxer
 from forwarder.records import LogEvent
 from tests.harness.collector import CollectorProcess
 from tests.harness.engine import Engine
+from tests.harness.polling import wait_until
 from tests.harness.receivers import ForwardReceiver, NodeReceiver
 
 MakeCollector = Callable[..., CollectorProcess]
@@ -220,3 +222,32 @@ def test_delivery_to_fluents_own_forward_server(
     mine = [r for r in records if r["record"].get("container_id") == cid]
     assert [r["record"]["log"] for r in mine] == [str(i) for i in range(1, 501)]
     assert {r["tag"] for r in mine} == {"docker.to-node"}
+
+
+def test_a_first_run_that_never_reached_the_engine_leaves_the_next_a_first_start(
+    engine: Engine,
+    forward_receiver: ForwardReceiver,
+    make_collector: MakeCollector,
+    tmp_path: Path,
+) -> None:
+    """A run with a wrong socket writes its positions file; the next run, with the right
+    one, still starts fresh: with read_from = "tail", none of the history is sent."""
+    cid = engine.run(
+        "sh",
+        "-c",
+        "seq 1 300 | sed 's/^/h/'; i=0; while :; do i=$((i+1)); echo n$i; sleep 0.05; done",
+    )
+    wait_until(
+        lambda: b"h300" in engine.logs_api_bytes(cid), timeout=30, what="the history to be logged"
+    )
+    wrong = make_collector(
+        forward_receiver.address,
+        docker={"host": f"unix://{tmp_path}/no-engine.sock", "read_from": "tail"},
+    )
+    assert (tmp_path / "state" / "positions.json").exists()
+    assert wrong.terminate()[0] == 0
+    make_collector(forward_receiver.address, docker={"read_from": "tail"})
+    # Lines of one container arrive in order: any history would come before these.
+    records = forward_receiver.wait_for(lambda rs: len(logs_of(rs, cid)) >= 10, timeout=30)
+    history = [line for line in logs_of(records, cid) if line.startswith("h")]
+    assert history == [], f"{len(history)} lines of history sent"

@@ -91,7 +91,9 @@ class Discovery:
     positions: dict[ContainerId, Position]
     """Positions to resume from: committed ones at start, then what each follower read."""
     first_start: bool
+    """No run from this state ever reached the engine: ``read_from`` applies."""
     last_run_ns: int | None
+    """Up to when the last run that reached the engine watched it (None: never)."""
     on_event: EventHandler | None = None
     """Called with every fresh container event and what is known of its container."""
     on_container: Callable[[ContainerInfo], None] | None = None
@@ -99,6 +101,10 @@ class Discovery:
     on_gone: Callable[[ContainerId], None] | None = None
     on_stopped: Callable[[ContainerId], None] | None = None
     """Called on a container's ``die`` and ``destroy`` events."""
+    on_listed: Callable[[dict[ContainerId, Position]], None] | None = None
+    """Called after each listing that went through, with the positions it chose for
+    containers read from now on (``read_from = "tail"`` on a first start): they are
+    where those containers resume, whatever happens next."""
     clock_ns: Callable[[], int] = time.time_ns
     retry_delays: Callable[[], Iterator[float]] = default_delays
     """Backoff for the events stream and for each follower (tests wait for nothing)."""
@@ -111,12 +117,20 @@ class Discovery:
     _seen: dict[tuple[str, str, int], None] = field(default_factory=dict)
     _started_ns: int = 0
     _restarted: set[ContainerId] = field(default_factory=set)
+    _listed: bool = False
+    _from_now: dict[ContainerId, Position] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._self_id = self_container_id() if self.config.docker.exclude_self else None
         override = os.environ.get("FORWARDER_SELF_CONTAINER_ID")
         if override:
             self._self_id = override
+
+    @property
+    def watched_ns(self) -> int | None:
+        """Up to when this run has surely seen every container event: the newest event's
+        time (or the first listing's). None until a listing went through."""
+        return self._last_event_ns if self._listed else None
 
     # --- main loop ------------------------------------------------------------------------
 
@@ -183,6 +197,10 @@ class Discovery:
             existing = set(ids)
             for cid in [c for c in self.positions if c not in existing]:
                 self._gone(cid)
+        self._listed = True
+        from_now, self._from_now = self._from_now, {}
+        if self.on_listed is not None:
+            self.on_listed(from_now)
 
     async def _watch_events(self) -> None:
         since = self._last_event_ns
@@ -280,8 +298,10 @@ class Discovery:
             and container.running
             and self.config.docker.read_from == "tail"
         ):
-            seconds, ns = divmod(self._started_ns, 1_000_000_000)
-            since = f"{seconds}.{ns:09d}"
+            # From now on: a position like any other, so that a follower that starts over,
+            # and the next run, resume here rather than at the head of the log.
+            position = self.positions[cid] = self._from_now[cid] = Position(self._started_ns, 0)
+            since = position.since_param()
         self._known[cid] = container
         if self.on_container is not None:
             self.on_container(container)
@@ -294,9 +314,9 @@ class Discovery:
             "container %s (%s): following%s",
             container.name,
             cid[:12],
-            f" from {format_time(position.ts_ns)}"
-            if position
-            else (f" from now ({format_time(self._started_ns)})" if since else ""),
+            f" from now ({format_time(self._started_ns)})"
+            if since
+            else (f" from {format_time(position.ts_ns)}" if position else ""),
         )
 
     async def _follow(
