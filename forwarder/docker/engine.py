@@ -21,7 +21,7 @@ from urllib.parse import quote, urlencode
 import aiodocker
 import aiohttp
 
-from forwarder.docker import httpstream
+from forwarder import httpstream
 from forwarder.records import ContainerId, ContainerInfo
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ class Engine:
         """The raw body of ``/containers/{id}/logs`` with timestamps, in reads of up to 64 KiB.
 
         On a ``unix://`` or plain ``tcp://`` host the response is read off a socket of its own
-        by :mod:`forwarder.docker.httpstream`, which decodes a whole read's HTTP chunks (the
+        by :mod:`forwarder.httpstream`, which decodes a whole read's HTTP chunks (the
         engine sends one per log frame) in one call, where aiohttp makes several Python calls
         a chunk. Other hosts (TLS) go through aiohttp, whose ``read(n)`` also joins buffered
         chunks. Errors are the same on both paths.
