@@ -49,11 +49,6 @@ class Position(NamedTuple):
     ts_ns: int
     taken: int
 
-    def since_param(self) -> str:
-        """The engine's ``since`` value for resuming here (inclusive of ``ts_ns``)."""
-        seconds, ns = divmod(self.ts_ns, 1_000_000_000)
-        return f"{seconds}.{ns:09d}"
-
 
 class RawLine(NamedTuple):
     """One engine message: a whole line, or a piece of a long one."""

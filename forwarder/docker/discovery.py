@@ -34,7 +34,7 @@ from forwarder.docker.engine import (
 from forwarder.docker.follower import LinesSink, LogSource, follow_container
 from forwarder.docker.frames import EngineStreamError
 from forwarder.records import ContainerId, ContainerInfo, Position
-from forwarder.timefmt import format_duration, format_time
+from forwarder.timefmt import format_duration, format_since, format_time
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +280,7 @@ class Discovery:
             and container.running
             and self.config.docker.read_from == "tail"
         ):
-            seconds, ns = divmod(self._started_ns, 1_000_000_000)
-            since = f"{seconds}.{ns:09d}"
+            since = format_since(self._started_ns)
         self._known[cid] = container
         if self.on_container is not None:
             self.on_container(container)

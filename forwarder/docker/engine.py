@@ -8,7 +8,6 @@ codes.
 from __future__ import annotations
 
 import asyncio
-import calendar
 import contextlib
 import json
 import logging
@@ -23,6 +22,7 @@ import aiohttp
 
 from forwarder import httpstream
 from forwarder.records import ContainerId, ContainerInfo
+from forwarder.timefmt import format_since, parse_time_ns
 
 log = logging.getLogger(__name__)
 
@@ -70,37 +70,11 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def parse_engine_time(text: str | None) -> int:
-    """An engine RFC 3339 time (any fraction length) in ns; 0 for the zero time."""
+def _engine_time(text: str | None) -> int:
+    """An inspect time (``StartedAt``, ``FinishedAt``) in ns; 0 for Go's zero time."""
     if not text or text.startswith("0001-01-01"):
         return 0
-    # "2026-11-25T07:12:34.123456789Z" or with an offset such as "+01:00".
-    base, frac, offset_s = text[:19], "", 0
-    rest = text[19:]
-    if rest.startswith("."):
-        end = 1
-        while end < len(rest) and rest[end].isdigit():
-            end += 1
-        frac, rest = rest[1:end], rest[end:]
-    if rest and rest != "Z":
-        sign = -1 if rest[0] == "-" else 1
-        hours, minutes = int(rest[1:3]), int(rest[4:6])
-        offset_s = sign * (hours * 3600 + minutes * 60)
-    seconds = calendar.timegm(
-        (
-            int(base[0:4]),
-            int(base[5:7]),
-            int(base[8:10]),
-            int(base[11:13]),
-            int(base[14:16]),
-            int(base[17:19]),
-            0,
-            0,
-            0,
-        )
-    )
-    ns = int((frac + "000000000")[:9]) if frac else 0
-    return (seconds - offset_s) * 1_000_000_000 + ns
+    return parse_time_ns(text)
 
 
 def container_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
@@ -115,8 +89,8 @@ def container_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
         tty=bool(config.get("Tty")),
         labels=config.get("Labels") or {},
         log_driver=(host_config.get("LogConfig") or {}).get("Type") or "",
-        started_at_ns=parse_engine_time(state.get("StartedAt")),
-        finished_at_ns=parse_engine_time(state.get("FinishedAt")),
+        started_at_ns=_engine_time(state.get("StartedAt")),
+        finished_at_ns=_engine_time(state.get("FinishedAt")),
         running=bool(state.get("Running")),
     )
 
@@ -295,8 +269,7 @@ class Engine:
         """Container events from ``/events``, from ``since_ns`` on, as decoded JSON objects."""
         params: dict[str, Any] = {"filters": json.dumps({"type": ["container"]})}
         if since_ns is not None:
-            seconds, ns = divmod(since_ns, 1_000_000_000)
-            params["since"] = f"{seconds}.{ns:09d}"
+            params["since"] = format_since(since_ns)
         async with self._stream("events", params) as response:
             async for obj in _json_objects(response, "GET /events"):
                 yield obj

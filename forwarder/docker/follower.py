@@ -23,6 +23,7 @@ from forwarder.docker.frames import (
     TtyReader,
 )
 from forwarder.records import ContainerInfo, Position
+from forwarder.timefmt import format_since
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ async def follow_container(
     joiner = PartialJoiner(max_line_bytes, on_split)
     resume = ResumeFilter(position)
     if position is not None:
-        since = position.since_param()
+        since = format_since(position.ts_ns)
     async for raw in source.read(container, since=since, follow=follow):
         lines = joiner.feed(raw)
         if resume.active:
