@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forwarder.backoff import backoff_delays
-from forwarder.config import Config
+from forwarder.config import Config, Environment
 from forwarder.docker.engine import (
     ContainerGoneError,
     Engine,
@@ -35,17 +33,11 @@ from forwarder.docker.follower import LinesSink, LogSource, follow_container
 from forwarder.docker.frames import EngineStreamError
 from forwarder.records import ContainerId, ContainerInfo, Position
 from forwarder.timefmt import format_duration, format_since, format_time
+from forwarder.tuning import EVENTS_REPLAY_NS, source_retry_delays
 
 log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"[0-9a-f]{64}")
-# How far back a reconnect asks for events again; the replayed ones already seen are dropped.
-EVENTS_REPLAY_NS = 1_000_000_000
-
-
-def default_delays() -> Iterator[float]:
-    """The waits before each retry of one piece of work that keeps failing."""
-    return backoff_delays(0.5, 10.0)
 
 
 def self_container_id(proc: Path = Path("/proc/self"), hostname: str | None = None) -> str | None:
@@ -100,7 +92,7 @@ class Discovery:
     on_stopped: Callable[[ContainerId], None] | None = None
     """Called on a container's ``die`` and ``destroy`` events."""
     clock_ns: Callable[[], int] = time.time_ns
-    retry_delays: Callable[[], Iterator[float]] = default_delays
+    retry_delays: Callable[[], Iterator[float]] = source_retry_delays
     """Backoff for the events stream and for each follower (tests wait for nothing)."""
     followers: dict[ContainerId, _Followed] = field(default_factory=dict)
     skipped: set[ContainerId] = field(default_factory=set)
@@ -111,12 +103,12 @@ class Discovery:
     _seen: dict[tuple[str, str, int], None] = field(default_factory=dict)
     _started_ns: int = 0
     _restarted: set[ContainerId] = field(default_factory=set)
+    environment: Environment = field(default_factory=Environment.read)
 
     def __post_init__(self) -> None:
         self._self_id = self_container_id() if self.config.docker.exclude_self else None
-        override = os.environ.get("FORWARDER_SELF_CONTAINER_ID")
-        if override:
-            self._self_id = override
+        if self.environment.self_container_id:
+            self._self_id = self.environment.self_container_id
 
     # --- main loop ------------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,13 +20,14 @@ import aiodocker
 import aiohttp
 
 from forwarder import httpstream
+from forwarder.config import Environment
 from forwarder.records import ContainerId, ContainerInfo
 from forwarder.timefmt import format_since, parse_time_ns
+from forwarder.tuning import ENGINE_CONNECT_TIMEOUT_S, ENGINE_REQUEST_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 16
-CONNECT_TIMEOUT_S = 10
 ERROR_BODY_BYTES = 64 * 1024  # an engine error is one JSON line: {"message": "..."}
 
 
@@ -95,7 +95,7 @@ def container_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
     )
 
 
-def _unpooled(host: str) -> tuple[str, aiohttp.BaseConnector | None]:
+def _unpooled(host: str, *, tls_verify: bool) -> tuple[str, aiohttp.BaseConnector | None]:
     """aiodocker's URL and a connector without aiohttp's default cap of 100 connections.
 
     Each followed container holds one or two streams open (logs, stats): under a cap, every
@@ -104,7 +104,7 @@ def _unpooled(host: str) -> tuple[str, aiohttp.BaseConnector | None]:
     """
     if host.startswith("unix://"):
         return "unix://localhost", aiohttp.UnixConnector(host.removeprefix("unix://"), limit=0)
-    if host.startswith("tcp://") and os.environ.get("DOCKER_TLS_VERIFY", "0") != "1":
+    if host.startswith("tcp://") and not tls_verify:
         return "http://" + host.removeprefix("tcp://"), aiohttp.TCPConnector(limit=0)
     return host, None
 
@@ -112,8 +112,10 @@ def _unpooled(host: str) -> tuple[str, aiohttp.BaseConnector | None]:
 class Engine:
     """A thin async shell over the Engine API."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, *, tls_verify: bool | None = None) -> None:
         self.host = host
+        self.tls_verify = Environment.read().docker_tls_verify if tls_verify is None else tls_verify
+        """``DOCKER_TLS_VERIFY``: a ``tcp://`` host is reached over TLS (by aiodocker)."""
         self._docker: aiodocker.Docker | None = None
         self._connector: aiohttp.BaseConnector | None = None
         self._log_streams = 0  # log_bytes() connections of its own, outside aiohttp's pool
@@ -124,12 +126,14 @@ class Engine:
     @property
     def docker(self) -> aiodocker.Docker:
         if self._docker is None:
-            url, self._connector = _unpooled(self.host)
-            # Long-lived streams set their own timeouts; plain requests get 30 s.
+            url, self._connector = _unpooled(self.host, tls_verify=self.tls_verify)
+            # Long-lived streams set their own timeouts; plain requests get a total one.
             self._docker = aiodocker.Docker(
                 url=url,
                 connector=self._connector,
-                timeout=aiohttp.ClientTimeout(total=30, sock_connect=10),
+                timeout=aiohttp.ClientTimeout(
+                    total=ENGINE_REQUEST_TIMEOUT_S, sock_connect=ENGINE_CONNECT_TIMEOUT_S
+                ),
             )
         return self._docker
 
@@ -180,7 +184,9 @@ class Engine:
                     path,
                     "GET",
                     params=dict(params),
-                    timeout=aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=10),
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, sock_read=None, sock_connect=ENGINE_CONNECT_TIMEOUT_S
+                    ),
                 ) as response,
                 response,
             ):  # aiodocker leaves closing the response to us
@@ -214,8 +220,7 @@ class Engine:
             params["since"] = since
         if until is not None:
             params["until"] = until
-        tls_verify = os.environ.get("DOCKER_TLS_VERIFY", "0") == "1"  # as _unpooled() decides
-        endpoint = httpstream.plain_endpoint(self.host, tls_verify=tls_verify)
+        endpoint = httpstream.plain_endpoint(self.host, tls_verify=self.tls_verify)
         reads = (
             self._log_bytes_aiohttp(cid, params)
             if endpoint is None
@@ -236,7 +241,7 @@ class Engine:
         self._log_streams += 1
         try:
             async with httpstream.open_response(
-                endpoint, target, connect_timeout_s=CONNECT_TIMEOUT_S
+                endpoint, target, connect_timeout_s=ENGINE_CONNECT_TIMEOUT_S
             ) as response:
                 if not response.head.ok:
                     body = await response.read_body(ERROR_BODY_BYTES)
