@@ -14,7 +14,7 @@ import pytest
 
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
-from forwarder.docker.follower import EngineLogSource
+from forwarder.docker.logsource import EngineLogSource
 from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RawLine
 from forwarder.timefmt import format_since
 
@@ -70,10 +70,13 @@ def make_discovery(engine: Any, source: Any, got: list[LogLine]) -> Discovery:
 
 
 async def follow(discovery: Discovery) -> None:
-    """Follow the container (running) until its follower ends."""
-    discovery._start(ContainerInfo(id=CID, name="/web", running=True), at_startup=False)
+    """Follow the container (running) until no follower reads it any more."""
+    await discovery._perform(
+        discovery.table.follow(ContainerInfo(id=CID, name="/web", running=True))
+    )
     async with asyncio.timeout(10):
-        await discovery.followers[CID].task
+        while (task := discovery.followers.get(CID)) is not None:
+            await asyncio.wait({task})
 
 
 def texts(lines: list[LogLine]) -> list[str]:
