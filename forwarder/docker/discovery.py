@@ -18,7 +18,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from forwarder.docker.containers import (
 from forwarder.docker.engine import ContainerGoneError, Engine, EngineUnavailableError
 from forwarder.docker.follower import LinesSink, run_follower
 from forwarder.docker.logsource import LogSource
-from forwarder.records import ContainerId, ContainerInfo, Position
+from forwarder.records import ContainerId, ContainerInfo, Position, RecordsSink
 from forwarder.tags import compile_template
 from forwarder.timefmt import format_duration, format_time
 from forwarder.tuning import source_retry_delays
@@ -66,9 +66,6 @@ def self_container_id(proc: Path = Path("/proc/self"), hostname: str | None = No
             if match:
                 return match[0]
     return None
-
-
-RecordsSink = Callable[[str, list[tuple[int, dict[str, object]]]], Awaitable[None]]
 
 
 @dataclass

@@ -23,12 +23,12 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 from forwarder.docker.engine import ContainerGoneError, EngineError
 from forwarder.docker.stats import StatsSampleError, StatsSampler, read_time
-from forwarder.records import ContainerId, ContainerInfo
+from forwarder.records import ContainerId, ContainerInfo, RecordsSink
 from forwarder.tags import Template
 from forwarder.tuning import source_retry_delays
 
@@ -43,8 +43,6 @@ ENGINE_PERIOD_S = 1.0
 
 SHIP_GRACE_S = 1.0
 """How long :meth:`StatsPoller.aclose` waits for records still on their way to the buffer."""
-
-RecordsSink = Callable[[str, list[tuple[int, dict[str, Any]]]], Awaitable[None]]
 
 
 class StatsSource(Protocol):
