@@ -29,11 +29,22 @@ B = ContainerId("bb" * 32)
 SELF = ContainerId("ee" * 32)
 
 
+EXCLUDED = {"forwarder.exclude": "true"}
+
+
 def info(
-    cid: str = A, *, running: bool = True, finished_ns: int = 0, **labels: str
+    cid: str = A,
+    *,
+    running: bool = True,
+    finished_ns: int = 0,
+    labels: dict[str, str] | None = None,
 ) -> ContainerInfo:
     return ContainerInfo(
-        id=cid, name=f"/c{cid[:2]}", running=running, finished_at_ns=finished_ns, labels=labels
+        id=cid,
+        name=f"/c{cid[:2]}",
+        running=running,
+        finished_at_ns=finished_ns,
+        labels=labels or {},
     )
 
 
@@ -132,7 +143,8 @@ def test_listed_stopped_is_read_only_if_it_finished_after_the_last_run() -> None
     after = info(B, running=False, finished_ns=NOW - S)
     t = table(last_run_ns=NOW - 5 * S)
     assert listed(t, before, after) == [Watch(after), Follow(after, 0, None)]
-    assert A in t.known and A not in t.following
+    assert A in t.known
+    assert A not in t.following
     # The very first start has no horizon: stopped containers are history, not read.
     assert listed(table(first_start=True), before) == []
 
@@ -148,7 +160,7 @@ def test_listed_again_after_a_break_uses_the_last_event_as_the_horizon() -> None
 
 def test_listed_excluded_are_skipped_once_and_not_inspected_again() -> None:
     t = table()
-    labelled = info(**{"forwarder.exclude": "True"})
+    labelled = info(labels={"forwarder.exclude": "True"})
     own = info(SELF)
     assert listed(t, labelled, own) == [
         Skip(labelled, "label forwarder.exclude=true"),
@@ -167,7 +179,8 @@ def test_listed_gone_before_inspected_is_left_alone() -> None:
     t = table()
     assert t.on_listed([A], first=True, now_ns=NOW) == [Inspect(A)]
     assert t.on_inspected(A, None) == []
-    assert not t.following and not t.known
+    assert not t.following
+    assert not t.known
 
 
 def test_first_listing_forgets_positions_of_containers_that_no_longer_exist() -> None:
@@ -224,14 +237,14 @@ def test_events_of_excluded_containers_follow_nothing_and_are_not_reported() -> 
     t = table()
     assert t.on_event(event("start", SELF)) == []
     assert t.on_event(event("die", SELF)) == []
-    labelled = info(**{"forwarder.exclude": "true"})
-    (inspect,) = t.on_event(event("start", ts_ns=NOW + 1, **{"forwarder.exclude": "true"}))
+    labelled = info(labels=EXCLUDED)
+    (inspect,) = t.on_event(event("start", ts_ns=NOW + 1, **EXCLUDED))
     assert isinstance(inspect, Inspect)
     assert t.on_inspected(A, labelled, inspect.event) == [
         Skip(labelled, "label forwarder.exclude=true")
     ]
     # Known or not, the label in the event's attributes is enough.
-    assert t.on_event(event("die", B, NOW + 2, **{"forwarder.exclude": "true"})) == [Unwatch(B)]
+    assert t.on_event(event("die", B, NOW + 2, **EXCLUDED)) == [Unwatch(B)]
 
 
 def test_die_and_destroy_stop_stats_and_destroy_forgets_an_unfollowed_container() -> None:
@@ -243,7 +256,8 @@ def test_die_and_destroy_stop_stats_and_destroy_forgets_an_unfollowed_container(
         "EmitLifecycle",
         "Forget",
     ]
-    assert A not in t.known and A not in t.positions
+    assert A not in t.known
+    assert A not in t.positions
 
 
 def test_destroy_while_followed_forgets_when_the_follower_ends() -> None:
@@ -251,7 +265,8 @@ def test_destroy_while_followed_forgets_when_the_follower_ends() -> None:
     listed(t, info())
     assert kinds(t.on_event(event("destroy", ts_ns=NOW + 1))) == ["Unwatch", "EmitLifecycle"]
     assert ended(t, EndReason.GONE, position=Position(5, 1)) == [Forget(A)]
-    assert A not in t.following and A not in t.positions
+    assert A not in t.following
+    assert A not in t.positions
 
 
 def test_events_without_a_container_id_or_lifecycle_action_emit_nothing() -> None:
