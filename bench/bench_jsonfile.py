@@ -24,9 +24,10 @@ from pathlib import Path
 import msgspec
 
 from bench.bench_frames import LINE, _timestamp, build, chunks
-from forwarder.docker.frames import Demuxer, PartialJoiner, parse_timestamp
+from forwarder.docker.frames import Demuxer, PartialJoiner
 from forwarder.docker.jsonfile import JsonFileParser
 from forwarder.records import RawLine
+from forwarder.timefmt import parse_time_ns
 
 BLOCK_BYTES = 1 << 20
 _new = tuple.__new__
@@ -139,7 +140,7 @@ def _ts(t: str) -> int:
     """The same per-second cache JsonFileParser uses, for the decoder comparison."""
     base = _SECONDS.get(t[:19])
     if base is None:
-        base = _SECONDS[t[:19]] = parse_timestamp(t[:19].encode() + b".000000000Z")
+        base = _SECONDS[t[:19]] = parse_time_ns(t[:19] + "Z")
     frac = t[20:-1] if t[19] == "." else ""
     return base + int(frac) * 10 ** (9 - len(frac)) if frac else base
 

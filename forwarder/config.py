@@ -570,6 +570,34 @@ class Config(_Section):
         return self
 
 
+# --- the environment ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What forwarder reads from its process environment besides the config file.
+
+    These stay out of the config file on purpose: ``DOCKER_TLS_VERIFY`` is Docker's own
+    variable, which aiodocker reads too (with ``DOCKER_CERT_PATH``), so a config key would be a
+    second spelling that only half the code obeys; ``FORWARDER_SELF_CONTAINER_ID`` names
+    forwarder's own container where ``/proc`` can't tell it (``docker.exclude_self``), an
+    override for odd runtimes and tests. (``DOCKER_HOST`` is ``docker.host``'s default.)
+    """
+
+    docker_tls_verify: bool = False
+    """``DOCKER_TLS_VERIFY=1``: a ``tcp://`` engine is reached over TLS, by aiodocker."""
+    self_container_id: str | None = None
+    """``FORWARDER_SELF_CONTAINER_ID``: forwarder's own container, overriding ``/proc``."""
+
+    @classmethod
+    def read(cls, env: Mapping[str, str] | None = None) -> Environment:
+        env = os.environ if env is None else env
+        return cls(
+            docker_tls_verify=env.get("DOCKER_TLS_VERIFY", "0") == "1",
+            self_container_id=env.get("FORWARDER_SELF_CONTAINER_ID") or None,
+        )
+
+
 # --- loading ------------------------------------------------------------------------------
 
 

@@ -22,8 +22,8 @@ from forwarder.chunks import Chunk, Chunker
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.docker.engine import Engine
-from forwarder.docker.follower import EngineLogSource, advance
-from forwarder.docker.lifecycle import event_container, lifecycle_record
+from forwarder.docker.follower import advance
+from forwarder.docker.logsource import EngineLogSource
 from forwarder.docker.stats_poller import StatsPoller
 from forwarder.forward.output import ForwardOutput
 from forwarder.forward.protocol import (
@@ -266,7 +266,6 @@ class Pipeline:
                 tag=compile_template(config.tags.stats),
                 sink=self.collector.add_stats,
             )
-        self._events_tag = compile_template(config.tags.events)
         self.discovery = Discovery(
             config=config,
             engine=self.engine,
@@ -276,7 +275,9 @@ class Pipeline:
             first_start=self.first_start,
             last_run_ns=saved.engine_seen_ns,
             on_gone=self._on_gone,
-            on_event=self._on_event,
+            lifecycle_sink=lambda tag, records: self.collector.add_records(
+                tag, records, "lifecycle"
+            ),
             on_container=self._on_container,
             on_stopped=self._on_stopped,
             on_listed=self._on_listed,
@@ -331,20 +332,6 @@ class Pipeline:
     def _on_stopped(self, cid: ContainerId) -> None:
         if self.stats is not None:
             self.stats.stop(cid)
-
-    async def _on_event(self, event: dict[str, Any], container: ContainerInfo | None) -> None:
-        """A lifecycle record for a container event (not for excluded containers)."""
-        info = event_container(event, container)
-        label = self.config.docker.exclude_label
-        if info is None or (label and info.labels.get(label, "").lower() == "true"):
-            return
-        entry = lifecycle_record(event, info)
-        if entry is None:
-            return
-        ts_ns, record = entry
-        await self.collector.add_records(
-            self._events_tag(info), [(ts_ns, record.record())], "lifecycle"
-        )
 
     def status(self) -> dict[str, int | None]:
         """Counts for the SIGUSR1 status line (None: not known); the README explains each."""

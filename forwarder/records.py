@@ -10,12 +10,17 @@ against :class:`LogEvent`.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, NamedTuple, NewType
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, NamedTuple, NewType
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 RecordKind = Literal["log", "stats", "lifecycle"]
 """What a chunk's records are: the chunk assembler never mixes kinds in one chunk."""
+
+RecordsSink = Callable[[str, list[tuple[int, dict[str, Any]]]], Awaitable[None]]
+"""Where a source hands records other than log lines (stats, lifecycle): a tag and
+``(ts_ns, record map)`` pairs."""
 
 ContainerId = NewType("ContainerId", str)
 """A full 64-hex-digit container id."""
@@ -48,11 +53,6 @@ class Position(NamedTuple):
 
     ts_ns: int
     taken: int
-
-    def since_param(self) -> str:
-        """The engine's ``since`` value for resuming here (inclusive of ``ts_ns``)."""
-        seconds, ns = divmod(self.ts_ns, 1_000_000_000)
-        return f"{seconds}.{ns:09d}"
 
 
 class RawLine(NamedTuple):

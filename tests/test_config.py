@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.config import ConfigError, config_from_dict, load_config
+from forwarder.config import ConfigError, Environment, config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,3 +114,13 @@ def test_the_kubernetes_example_config_is_valid(tmp_path: Path) -> None:
     assert cfg.output.shared_key == "k"
     assert cfg.output.self_hostname == "node-1"
     assert [s.weight for s in cfg.output.servers] == [60, 60]
+
+
+def test_environment_reads_docker_tls_verify_and_the_self_container_override() -> None:
+    assert Environment.read({}) == Environment(docker_tls_verify=False, self_container_id=None)
+    env = {"DOCKER_TLS_VERIFY": "1", "FORWARDER_SELF_CONTAINER_ID": "ab" * 32}
+    assert Environment.read(env) == Environment(docker_tls_verify=True, self_container_id="ab" * 32)
+    # Only "1" turns TLS on (as aiodocker reads it); an empty override is none.
+    assert Environment.read({"DOCKER_TLS_VERIFY": "true", "FORWARDER_SELF_CONTAINER_ID": ""}) == (
+        Environment()
+    )

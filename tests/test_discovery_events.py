@@ -1,8 +1,10 @@
-"""Discovery's events: out-of-order and replayed ones, and the hooks the stats poller uses."""
+"""Discovery's events: out-of-order and replayed ones, the hooks the stats poller uses, and the
+lifecycle records handed to their sink."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -68,20 +70,20 @@ def test_events_out_of_time_order_are_fresh_and_replays_are_not() -> None:
     # The engine stamps events before it queues them: under load a later one overtakes.
     stream = [event("create", 100 * S), event("start", 100 * S + 5), event("die", 100 * S + 3)]
     stream.append(event("create", 100 * S + 4, cid=other))
-    assert [discovery._fresh(e) for e in stream] == [True] * 4
-    assert discovery._last_event_ns == 100 * S + 5
+    assert [discovery.table.on_event(e) != [] for e in stream] == [True] * 4
+    assert discovery.table.last_event_ns == 100 * S + 5
     # A reconnect asks again from a second before the newest event: what came is dropped,
     # what is new (even older than the newest seen) is kept.
     replay = [*stream, event("start", 100 * S + 1, cid=other), event("destroy", 101 * S)]
-    assert [discovery._fresh(e) for e in replay] == [False] * 4 + [True, True]
+    assert [discovery.table.on_event(e) != [] for e in replay] == [False] * 4 + [True, True]
 
 
 def test_seen_events_are_forgotten_once_out_of_the_replay_window() -> None:
     discovery = make_discovery()
     for n in range(1000):
-        assert discovery._fresh(event("start", n * S // 10, cid=f"{n:064x}"))
+        assert discovery.table._fresh(event("start", n * S // 10, cid=f"{n:064x}"))
     # 100 s of events, one every 0.1 s: only the last 2 s are kept.
-    assert len(discovery._seen) <= 21
+    assert len(discovery.table._seen) <= 21
 
 
 def test_hooks_follow_the_containers_runs() -> None:
@@ -89,15 +91,20 @@ def test_hooks_follow_the_containers_runs() -> None:
         calls: list[tuple[str, Any]] = []
         events: list[str] = []
 
-        async def on_event(ev: dict[str, Any], _container: ContainerInfo | None) -> None:
-            events.append(ev["Action"])
+        async def lifecycle_sink(tag: str, records: list[tuple[int, dict[str, object]]]) -> None:
+            events.extend(f"{tag} {record['action']}" for _, record in records)
 
         discovery = make_discovery(
-            on_event=on_event,
+            lifecycle_sink=lifecycle_sink,
             on_container=lambda c: calls.append(("container", c.id)),
             on_stopped=lambda cid: calls.append(("stopped", cid)),
         )
-        handle = discovery._handle
+        stamps = itertools.count(1)
+
+        async def handle(event: dict[str, Any]) -> None:
+            event["timeNano"] = next(stamps)  # each one fresh, none a replay
+            await discovery._perform(discovery.table.on_event(event))
+
         await handle(event("create"))
         assert calls == []
         await handle(event("start"))  # followed: the hook sees it
@@ -115,7 +122,8 @@ def test_hooks_follow_the_containers_runs() -> None:
             ("stopped", CID),
             ("stopped", CID),
         ]
-        assert events == ["create", "start", "die", "start", "kill", "die", "destroy"]
+        actions = ["create", "start", "die", "start", "kill", "die", "destroy"]
+        assert events == [f"docker.events.web {action}" for action in actions]
         await discovery.stop_followers()
 
     asyncio.run(main())

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 import uvloop
 
-from forwarder.docker import httpstream
+from forwarder import httpstream
 from forwarder.docker.engine import (
     ContainerGoneError,
     Engine,
@@ -37,7 +37,7 @@ from forwarder.docker.engine import (
     _translate,
 )
 from forwarder.docker.frames import Demuxer
-from forwarder.docker.httpstream import (
+from forwarder.httpstream import (
     MAX_CHUNK_LINE_BYTES,
     MAX_HEAD_BYTES,
     HttpConnectError,

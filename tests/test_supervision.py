@@ -14,8 +14,9 @@ import pytest
 
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
-from forwarder.docker.follower import EngineLogSource
+from forwarder.docker.logsource import EngineLogSource
 from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RawLine
+from forwarder.timefmt import format_since
 from tests.helpers import CID
 
 S = 1_000_000_000
@@ -70,10 +71,13 @@ def make_discovery(engine: Any, source: Any, got: list[LogLine]) -> Discovery:
 
 
 async def follow(discovery: Discovery) -> None:
-    """Follow the container (running) until its follower ends."""
-    discovery._start(ContainerInfo(id=CID, name="/web", running=True), at_startup=False)
+    """Follow the container (running) until no follower reads it any more."""
+    await discovery._perform(
+        discovery.table.follow(ContainerInfo(id=CID, name="/web", running=True))
+    )
     async with asyncio.timeout(10):
-        await discovery.followers[CID].task
+        while (task := discovery.followers.get(CID)) is not None:
+            await asyncio.wait({task})
 
 
 def texts(lines: list[LogLine]) -> list[str]:
@@ -94,7 +98,7 @@ def test_a_corrupt_frame_names_container_and_offset_and_the_stream_is_read_again
         asyncio.run(follow(discovery))
     # The good lines read before the corruption were taken, and nothing twice.
     assert texts(got) == ["line 1", "line 2", "line 3", "line 4"]
-    assert engine.since == [None, Position(T0 + 2, 1).since_param()]
+    assert engine.since == [None, format_since(T0 + 2)]
     assert discovery.positions[CID] == Position(T0 + 4, 1)
     reports = [r for r in caplog.records if "corrupt" in r.getMessage()]
     assert len(reports) == 1
@@ -137,7 +141,7 @@ def test_a_follower_that_raises_is_logged_with_its_container_and_restarted(
         asyncio.run(follow(discovery))
     assert texts(got) == ["line 1", "line 2", "line 3", "line 4"]
     # Restarted from the position the first read reached.
-    assert source.since == [None, Position(T0 + 2, 1).since_param()]
+    assert source.since == [None, format_since(T0 + 2)]
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     text = errors[0].getMessage()

@@ -1,9 +1,11 @@
-"""Which containers are followed, and when followers start and stop.
+"""Discovery's I/O loop: lists containers, reads ``/events``, runs the followers.
 
-The discovery loop owns the table of followers, as Vector's docker_logs source does: it lists
-the containers, then follows ``/events`` from the moment it listed, so that nothing falls
-between the two. Each follower is its own task and owns only its own state; when it ends,
-discovery looks at the container again and decides whether to follow it once more.
+It lists the containers, then follows ``/events`` from the moment it listed, so that nothing
+falls between the two, as Vector's docker_logs source does. What to do with each listing,
+event, inspection and ended follower is decided by :class:`ContainerTable`
+(:mod:`forwarder.docker.containers`); this loop only performs the actions it returns. Each
+follower is its own task (:func:`forwarder.docker.follower.run_follower`) and hands its state
+back when its stream ends.
 
 When the events stream breaks (engine restart, network blip) discovery reconnects with
 ``since`` = the last event's time, drops the events it had already seen at that nanosecond,
@@ -14,38 +16,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from forwarder.backoff import backoff_delays
-from forwarder.config import Config
-from forwarder.docker.engine import (
-    ContainerGoneError,
-    Engine,
-    EngineError,
-    EngineUnavailableError,
-    LogsUnsupportedError,
+from forwarder.config import Config, Environment
+from forwarder.docker.containers import (
+    Action,
+    ContainerTable,
+    EmitLifecycle,
+    EndReason,
+    Follow,
+    FollowerEnded,
+    Forget,
+    Inspect,
+    ReportEnd,
+    Skip,
+    Unwatch,
+    Watch,
 )
-from forwarder.docker.follower import LinesSink, LogSource, follow_container
-from forwarder.docker.frames import EngineStreamError
-from forwarder.records import ContainerId, ContainerInfo, Position
+from forwarder.docker.engine import ContainerGoneError, Engine, EngineUnavailableError
+from forwarder.docker.follower import LinesSink, run_follower
+from forwarder.docker.logsource import LogSource
+from forwarder.records import ContainerId, ContainerInfo, Position, RecordsSink
+from forwarder.tags import compile_template
 from forwarder.timefmt import format_duration, format_time
+from forwarder.tuning import source_retry_delays
 
 log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"[0-9a-f]{64}")
-# How far back a reconnect asks for events again; the replayed ones already seen are dropped.
-EVENTS_REPLAY_NS = 1_000_000_000
-
-
-def default_delays() -> Iterator[float]:
-    """The waits before each retry of one piece of work that keeps failing."""
-    return backoff_delays(0.5, 10.0)
 
 
 def self_container_id(proc: Path = Path("/proc/self"), hostname: str | None = None) -> str | None:
@@ -66,22 +68,6 @@ def self_container_id(proc: Path = Path("/proc/self"), hostname: str | None = No
     return None
 
 
-def _log_if_failed(task: asyncio.Task[None]) -> None:
-    """A backstop: a task whose own handling failed is logged now, not at garbage collection
-    as "Task exception was never retrieved"."""
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("%s: ended by an error", task.get_name(), exc_info=exc)
-
-
-EventHandler = Callable[[dict[str, Any], ContainerInfo | None], Awaitable[None]]
-
-
-@dataclass
-class _Followed:
-    container: ContainerInfo
-    task: asyncio.Task[None]
-
-
 @dataclass
 class Discovery:
     config: Config
@@ -94,8 +80,8 @@ class Discovery:
     """No run from this state ever reached the engine: ``read_from`` applies."""
     last_run_ns: int | None
     """Up to when the last run that reached the engine watched it (None: never)."""
-    on_event: EventHandler | None = None
-    """Called with every fresh container event and what is known of its container."""
+    lifecycle_sink: RecordsSink | None = None
+    """Gets the lifecycle records of container events, with their tag (``tags.events``)."""
     on_container: Callable[[ContainerInfo], None] | None = None
     """Called when a container is followed, and again when a followed one starts again."""
     on_gone: Callable[[ContainerId], None] | None = None
@@ -106,31 +92,33 @@ class Discovery:
     containers read from now on (``read_from = "tail"`` on a first start): they are
     where those containers resume, whatever happens next."""
     clock_ns: Callable[[], int] = time.time_ns
-    retry_delays: Callable[[], Iterator[float]] = default_delays
+    retry_delays: Callable[[], Iterator[float]] = source_retry_delays
     """Backoff for the events stream and for each follower (tests wait for nothing)."""
-    followers: dict[ContainerId, _Followed] = field(default_factory=dict)
-    skipped: set[ContainerId] = field(default_factory=set)
-    _known: dict[ContainerId, ContainerInfo] = field(default_factory=dict)
-    _self_id: str | None = None
-    _last_event_ns: int | None = None
-    """The newest event's time (or the first listing's): where a reconnect resumes."""
-    _seen: dict[tuple[str, str, int], None] = field(default_factory=dict)
-    _started_ns: int = 0
-    _restarted: set[ContainerId] = field(default_factory=set)
-    _listed: bool = False
-    _from_now: dict[ContainerId, Position] = field(default_factory=dict)
+    environment: Environment = field(default_factory=Environment.read)
+    followers: dict[ContainerId, asyncio.Task[FollowerEnded]] = field(default_factory=dict)
+    table: ContainerTable = field(init=False)
+    _stopping: bool = False
 
     def __post_init__(self) -> None:
-        self._self_id = self_container_id() if self.config.docker.exclude_self else None
-        override = os.environ.get("FORWARDER_SELF_CONTAINER_ID")
-        if override:
-            self._self_id = override
+        self_id = self_container_id() if self.config.docker.exclude_self else None
+        if self.environment.self_container_id:
+            self_id = self.environment.self_container_id
+        self._events_tag = compile_template(self.config.tags.events)
+        self.table = ContainerTable(
+            positions=self.positions,
+            first_start=self.first_start,
+            last_run_ns=self.last_run_ns,
+            read_from_tail=self.config.docker.read_from == "tail",
+            exclude_label=self.config.docker.exclude_label,
+            self_id=self_id,
+            retry_delays=self.retry_delays,
+        )
 
     @property
     def watched_ns(self) -> int | None:
         """Up to when this run has surely seen every container event: the newest event's
         time (or the first listing's). None until a listing went through."""
-        return self._last_event_ns if self._listed else None
+        return self.table.last_event_ns if self.table.listed else None
 
     # --- main loop ------------------------------------------------------------------------
 
@@ -139,6 +127,7 @@ class Discovery:
         failing_since: float | None = None
         last_error = ""  # an unexpected error is logged with its traceback when it is new
         first = True
+        self._stopping = False
         try:
             while True:
                 try:
@@ -172,237 +161,131 @@ class Discovery:
             await self.stop_followers()
 
     async def _sync(self, first: bool) -> None:
-        """List containers and start followers for those not followed yet.
-
-        A stopped container is read (whole, or from its position) when it finished after the
-        horizon: the collector's last run at start-up, or the last event seen before the
-        events stream broke; its lines would otherwise never be read."""
-        horizon = self.last_run_ns if first else self._last_event_ns
-        if self._last_event_ns is None:
-            self._last_event_ns = self.clock_ns()
-        self._started_ns = self.clock_ns()
+        """List containers, and follow those the table says to (see ContainerTable)."""
+        now_ns = self.clock_ns()
         ids = await self.engine.list_container_ids(all=True)
-        for cid in ids:
-            if cid in self.followers or cid in self.skipped:
-                continue
-            try:
-                container = await self.engine.inspect(cid)
-            except ContainerGoneError:
-                continue
-            self._known[cid] = container
-            if not container.running and (horizon is None or container.finished_at_ns <= horizon):
-                continue
-            self._start(container, at_startup=first)
-        if first:
-            existing = set(ids)
-            for cid in [c for c in self.positions if c not in existing]:
-                self._gone(cid)
-        self._listed = True
-        from_now, self._from_now = self._from_now, {}
+        await self._perform(self.table.on_listed(ids, first=first, now_ns=now_ns))
+        from_now = self.table.listing_done()
         if self.on_listed is not None:
             self.on_listed(from_now)
 
     async def _watch_events(self) -> None:
-        since = self._last_event_ns
-        if since is not None and self._seen:
-            # A reconnect: an event stamped just before the newest one seen may not have
-            # been sent yet when the stream broke.
-            since -= EVENTS_REPLAY_NS
-        async for event in self.engine.events(since_ns=since):
-            if not self._fresh(event):
-                continue
-            await self._handle(event)
+        async for event in self.engine.events(since_ns=self.table.events_since()):
+            await self._perform(self.table.on_event(event))
 
-    def _fresh(self, event: dict[str, Any]) -> bool:
-        """False for an event already handled, which a reconnect's replay sends again.
+    # --- actions --------------------------------------------------------------------------
 
-        The engine stamps an event before it queues it, so under load its stream is not in
-        time order (by up to tens of ms, seen on 20.10): an event older than the newest one
-        seen is new all the same. The keys seen in the last 2 * EVENTS_REPLAY_NS are kept.
-        """
-        ts = int(event.get("timeNano") or 0)
-        key = (str(event.get("id") or ""), str(event.get("Action") or ""), ts)
-        if key in self._seen:
-            return False
-        self._seen[key] = None
-        if ts > (self._last_event_ns or 0):
-            self._last_event_ns = ts
-            horizon = ts - 2 * EVENTS_REPLAY_NS
-            while (oldest := next(iter(self._seen))) is not key and oldest[2] < horizon:
-                del self._seen[oldest]
-        return True
-
-    async def _handle(self, event: dict[str, Any]) -> None:
-        action = str(event.get("Action") or event.get("status") or "")
-        cid = ContainerId(str(event.get("id") or ""))
-        if not _ID_RE.fullmatch(cid) or cid == self._self_id:
-            return
-        container = self._known.get(cid) or (
-            self.followers[cid].container if cid in self.followers else None
-        )
-        if action == "start":
-            try:
-                container = await self.engine.inspect(cid)
-            except ContainerGoneError:
-                container = None
-            # A short-lived container may have exited already: its log is still there (until
-            # it is removed), so it is read all the same, without following.
-            if container is not None:
-                self._known[cid] = container
-                if cid in self.followers:
-                    # The old follower may be looking at the stopped container right now;
-                    # this tells it to carry on with the new run.
-                    self._restarted.add(cid)
-                    if self.on_container is not None:
-                        self.on_container(container)
-                elif cid not in self.skipped:
-                    self._start(container, at_startup=False)
-        elif action == "destroy":
-            self._known.pop(cid, None)
-            self.skipped.discard(cid)
-        if action in ("die", "destroy") and self.on_stopped is not None:
-            self.on_stopped(cid)
-        if self.on_event is not None:
-            await self.on_event(event, container)
-        if action == "destroy" and cid not in self.followers:
-            self._gone(cid)
-
-    def _gone(self, cid: ContainerId) -> None:
-        self.positions.pop(cid, None)
-        if self.on_gone is not None:
-            self.on_gone(cid)
-
-    # --- followers ------------------------------------------------------------------------
-
-    def _excluded(self, container: ContainerInfo) -> str | None:
-        if self._self_id is not None and container.id == self._self_id:
-            return "it is forwarder's own container"
-        label = self.config.docker.exclude_label
-        if label and container.labels.get(label, "").lower() == "true":
-            return f"label {label}=true"
-        return None
-
-    def _start(self, container: ContainerInfo, *, at_startup: bool) -> None:
-        reason = self._excluded(container)
-        if reason is not None:
-            log.info("container %s: not followed (%s)", container.name, reason)
-            self.skipped.add(container.cid)
-            return
-        cid = container.cid
-        position = self.positions.get(cid)
-        since: str | None = None
-        if (
-            position is None
-            and at_startup
-            and self.first_start
-            and container.running
-            and self.config.docker.read_from == "tail"
-        ):
-            # From now on: a position like any other, so that a follower that starts over,
-            # and the next run, resume here rather than at the head of the log.
-            position = self.positions[cid] = self._from_now[cid] = Position(self._started_ns, 0)
-            since = position.since_param()
-        self._known[cid] = container
-        if self.on_container is not None:
-            self.on_container(container)
-        task = asyncio.create_task(
-            self._follow(container, position, since), name=f"follow {container.name}"
-        )
-        task.add_done_callback(_log_if_failed)
-        self.followers[cid] = _Followed(container, task)
-        log.info(
-            "container %s (%s): following%s",
-            container.name,
-            cid[:12],
-            f" from now ({format_time(self._started_ns)})"
-            if since
-            else (f" from {format_time(position.ts_ns)}" if position else ""),
-        )
-
-    async def _follow(
-        self, container: ContainerInfo, position: Position | None, since: str | None
-    ) -> None:
-        """Follow one container until it stops for good or is gone.
-
-        This task owns its container's work: whatever breaks the stream (the engine, a
-        corrupt frame, an error of ours) is logged here once, with the container, and the
-        log is read again from the last position taken, after a backoff."""
-        cid = container.cid
-        delays = self.retry_delays()
-        failures = 0  # unexpected errors in a row: the first is logged with its traceback
-
-        def on_position(pos: Position) -> None:
-            self.positions[cid] = pos
-
-        try:
-            while True:
-                before = self.positions.get(cid, position)
+    async def _perform(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Inspect):
                 try:
-                    await follow_container(
-                        container,
-                        self.source,
-                        self.sink,
-                        position=before,
-                        since=since,
-                        follow=container.running,
-                        max_line_bytes=self.config.docker.max_line_bytes,
-                        on_position=on_position,
-                    )
-                    # The stream ended: the container stopped, or the engine went away.
-                    container = await self.engine.inspect(cid)
-                    self._known[cid] = container
-                    if not container.running and cid not in self._restarted:
-                        return
-                    self._restarted.discard(cid)
-                    since = None
-                    continue
-                except LogsUnsupportedError as exc:
-                    log.warning(
-                        "container %s: its log driver %r can't be read through the API; "
-                        "skipped (%s)",
-                        container.name,
-                        container.log_driver,
-                        exc,
-                    )
-                    self.skipped.add(cid)
-                    return
+                    container: ContainerInfo | None = await self.engine.inspect(action.cid)
                 except ContainerGoneError:
-                    return
-                except EngineError as exc:
-                    log.info("container %s: log stream broke (%s); resuming", container.name, exc)
-                except EngineStreamError as exc:
-                    log.warning(
-                        "container %s: corrupt log stream (%s); reading it again from the "
-                        "last line taken",
-                        container.name,
-                        exc,
-                    )
-                except Exception as exc:
-                    failures += 1
-                    log.error(
-                        "container %s: following its log failed (%s: %s); following it again "
-                        "from the last line taken",
-                        container.name,
-                        type(exc).__name__,
-                        exc,
-                        exc_info=failures == 1,
-                    )
-                if self.positions.get(cid, position) != before:
-                    # It got somewhere before it broke: a fresh start for the backoff.
-                    delays = self.retry_delays()
-                    failures = 0
-                # Read again whatever the container's state: a stopped one's rest is unread.
-                await asyncio.sleep(next(delays))
-        finally:
-            followed = self.followers.get(cid)
-            if followed is not None and followed.task is asyncio.current_task():
-                del self.followers[cid]
-            if cid not in self._known and cid not in self.skipped:
-                self._gone(cid)
+                    container = None
+                await self._perform(self.table.on_inspected(action.cid, container, action.event))
+            elif isinstance(action, EmitLifecycle):
+                if self.lifecycle_sink is not None:
+                    records = [(action.ts_ns, action.record.record())]
+                    await self.lifecycle_sink(self._events_tag(action.container), records)
+            else:
+                self._perform_now(action)
+
+    def _perform_now(self, action: Action) -> None:
+        """The actions that need no waiting (all those of an ended follower)."""
+        if isinstance(action, Follow):
+            self._start(action)
+        elif isinstance(action, Watch):
+            if self.on_container is not None:
+                self.on_container(action.container)
+        elif isinstance(action, Unwatch):
+            if self.on_stopped is not None:
+                self.on_stopped(action.cid)
+        elif isinstance(action, Forget):
+            if self.on_gone is not None:
+                self.on_gone(action.cid)
+        elif isinstance(action, Skip):
+            log.info("container %s: not followed (%s)", action.container.name, action.reason)
+        elif isinstance(action, ReportEnd):
+            _report(action)
+        else:
+            raise TypeError(f"{action!r} can't be performed without waiting")
+
+    def _start(self, follow: Follow) -> None:
+        container = follow.container
+        task = asyncio.create_task(
+            run_follower(
+                follow,
+                engine=self.engine,
+                source=self.source,
+                sink=self.sink,
+                max_line_bytes=self.config.docker.max_line_bytes,
+            ),
+            name=f"follow {container.name}",
+        )
+        task.add_done_callback(self._follower_done)
+        self.followers[container.cid] = task
+        if follow.new:
+            position = follow.position
+            since_ns = follow.since_ns
+            log.info(
+                "container %s (%s): following%s",
+                container.name,
+                container.cid[:12],
+                f" from now ({format_time(since_ns)})"
+                if since_ns is not None
+                else (f" from {format_time(position.ts_ns)}" if position else ""),
+            )
+
+    def _follower_done(self, task: asyncio.Task[FollowerEnded]) -> None:
+        """A follower's stream ended: the table decides what follows."""
+        if task.cancelled() or self._stopping:
+            return
+        if (exc := task.exception()) is not None:
+            # A backstop: run_follower returns every way a stream ends.
+            log.error("%s: ended by an error", task.get_name(), exc_info=exc)
+            return
+        ended = task.result()
+        if self.followers.get(ended.cid) is task:
+            del self.followers[ended.cid]
+        try:
+            for action in self.table.on_follower_ended(ended):
+                self._perform_now(action)
+        except Exception:
+            log.exception("container %s: deciding after its follower ended failed", ended.cid)
 
     async def stop_followers(self) -> None:
-        tasks = [f.task for f in self.followers.values()]
+        self._stopping = True
+        tasks = list(self.followers.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.followers.clear()
+
+
+def _report(report: ReportEnd) -> None:
+    name = report.container.name
+    exc = report.error
+    if report.reason is EndReason.UNSUPPORTED:
+        log.warning(
+            "container %s: its log driver %r can't be read through the API; skipped (%s)",
+            name,
+            report.container.log_driver,
+            exc,
+        )
+    elif report.reason is EndReason.BROKE:
+        log.info("container %s: log stream broke (%s); resuming", name, exc)
+    elif report.reason is EndReason.CORRUPT:
+        log.warning(
+            "container %s: corrupt log stream (%s); reading it again from the last line taken",
+            name,
+            exc,
+        )
+    elif report.reason is EndReason.FAILED:
+        log.error(
+            "container %s: following its log failed (%s: %s); following it again from the "
+            "last line taken",
+            name,
+            type(exc).__name__,
+            exc,
+            exc_info=exc if report.traceback else None,
+        )

@@ -8,11 +8,9 @@ codes.
 from __future__ import annotations
 
 import asyncio
-import calendar
 import contextlib
 import json
 import logging
-import os
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,13 +19,15 @@ from urllib.parse import quote, urlencode
 import aiodocker
 import aiohttp
 
-from forwarder.docker import httpstream
+from forwarder import httpstream
+from forwarder.config import Environment
 from forwarder.records import ContainerId, ContainerInfo
+from forwarder.timefmt import format_since, parse_time_ns
+from forwarder.tuning import ENGINE_CONNECT_TIMEOUT_S, ENGINE_REQUEST_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 16
-CONNECT_TIMEOUT_S = 10
 ERROR_BODY_BYTES = 64 * 1024  # an engine error is one JSON line: {"message": "..."}
 
 
@@ -70,37 +70,11 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def parse_engine_time(text: str | None) -> int:
-    """An engine RFC 3339 time (any fraction length) in ns; 0 for the zero time."""
+def _engine_time(text: str | None) -> int:
+    """An inspect time (``StartedAt``, ``FinishedAt``) in ns; 0 for Go's zero time."""
     if not text or text.startswith("0001-01-01"):
         return 0
-    # "2026-11-25T07:12:34.123456789Z" or with an offset such as "+01:00".
-    base, frac, offset_s = text[:19], "", 0
-    rest = text[19:]
-    if rest.startswith("."):
-        end = 1
-        while end < len(rest) and rest[end].isdigit():
-            end += 1
-        frac, rest = rest[1:end], rest[end:]
-    if rest and rest != "Z":
-        sign = -1 if rest[0] == "-" else 1
-        hours, minutes = int(rest[1:3]), int(rest[4:6])
-        offset_s = sign * (hours * 3600 + minutes * 60)
-    seconds = calendar.timegm(
-        (
-            int(base[0:4]),
-            int(base[5:7]),
-            int(base[8:10]),
-            int(base[11:13]),
-            int(base[14:16]),
-            int(base[17:19]),
-            0,
-            0,
-            0,
-        )
-    )
-    ns = int((frac + "000000000")[:9]) if frac else 0
-    return (seconds - offset_s) * 1_000_000_000 + ns
+    return parse_time_ns(text)
 
 
 def container_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
@@ -115,13 +89,13 @@ def container_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
         tty=bool(config.get("Tty")),
         labels=config.get("Labels") or {},
         log_driver=(host_config.get("LogConfig") or {}).get("Type") or "",
-        started_at_ns=parse_engine_time(state.get("StartedAt")),
-        finished_at_ns=parse_engine_time(state.get("FinishedAt")),
+        started_at_ns=_engine_time(state.get("StartedAt")),
+        finished_at_ns=_engine_time(state.get("FinishedAt")),
         running=bool(state.get("Running")),
     )
 
 
-def _unpooled(host: str) -> tuple[str, aiohttp.BaseConnector | None]:
+def _unpooled(host: str, *, tls_verify: bool) -> tuple[str, aiohttp.BaseConnector | None]:
     """aiodocker's URL and a connector without aiohttp's default cap of 100 connections.
 
     Each followed container holds one or two streams open (logs, stats): under a cap, every
@@ -130,7 +104,7 @@ def _unpooled(host: str) -> tuple[str, aiohttp.BaseConnector | None]:
     """
     if host.startswith("unix://"):
         return "unix://localhost", aiohttp.UnixConnector(host.removeprefix("unix://"), limit=0)
-    if host.startswith("tcp://") and os.environ.get("DOCKER_TLS_VERIFY", "0") != "1":
+    if host.startswith("tcp://") and not tls_verify:
         return "http://" + host.removeprefix("tcp://"), aiohttp.TCPConnector(limit=0)
     return host, None
 
@@ -138,8 +112,10 @@ def _unpooled(host: str) -> tuple[str, aiohttp.BaseConnector | None]:
 class Engine:
     """A thin async shell over the Engine API."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, *, tls_verify: bool | None = None) -> None:
         self.host = host
+        self.tls_verify = Environment.read().docker_tls_verify if tls_verify is None else tls_verify
+        """``DOCKER_TLS_VERIFY``: a ``tcp://`` host is reached over TLS (by aiodocker)."""
         self._docker: aiodocker.Docker | None = None
         self._connector: aiohttp.BaseConnector | None = None
         self._log_streams = 0  # log_bytes() connections of its own, outside aiohttp's pool
@@ -150,12 +126,14 @@ class Engine:
     @property
     def docker(self) -> aiodocker.Docker:
         if self._docker is None:
-            url, self._connector = _unpooled(self.host)
-            # Long-lived streams set their own timeouts; plain requests get 30 s.
+            url, self._connector = _unpooled(self.host, tls_verify=self.tls_verify)
+            # Long-lived streams set their own timeouts; plain requests get a total one.
             self._docker = aiodocker.Docker(
                 url=url,
                 connector=self._connector,
-                timeout=aiohttp.ClientTimeout(total=30, sock_connect=10),
+                timeout=aiohttp.ClientTimeout(
+                    total=ENGINE_REQUEST_TIMEOUT_S, sock_connect=ENGINE_CONNECT_TIMEOUT_S
+                ),
             )
         return self._docker
 
@@ -206,7 +184,9 @@ class Engine:
                     path,
                     "GET",
                     params=dict(params),
-                    timeout=aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=10),
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, sock_read=None, sock_connect=ENGINE_CONNECT_TIMEOUT_S
+                    ),
                 ) as response,
                 response,
             ):  # aiodocker leaves closing the response to us
@@ -225,7 +205,7 @@ class Engine:
         """The raw body of ``/containers/{id}/logs`` with timestamps, in reads of up to 64 KiB.
 
         On a ``unix://`` or plain ``tcp://`` host the response is read off a socket of its own
-        by :mod:`forwarder.docker.httpstream`, which decodes a whole read's HTTP chunks (the
+        by :mod:`forwarder.httpstream`, which decodes a whole read's HTTP chunks (the
         engine sends one per log frame) in one call, where aiohttp makes several Python calls
         a chunk. Other hosts (TLS) go through aiohttp, whose ``read(n)`` also joins buffered
         chunks. Errors are the same on both paths.
@@ -240,8 +220,7 @@ class Engine:
             params["since"] = since
         if until is not None:
             params["until"] = until
-        tls_verify = os.environ.get("DOCKER_TLS_VERIFY", "0") == "1"  # as _unpooled() decides
-        endpoint = httpstream.plain_endpoint(self.host, tls_verify=tls_verify)
+        endpoint = httpstream.plain_endpoint(self.host, tls_verify=self.tls_verify)
         reads = (
             self._log_bytes_aiohttp(cid, params)
             if endpoint is None
@@ -262,7 +241,7 @@ class Engine:
         self._log_streams += 1
         try:
             async with httpstream.open_response(
-                endpoint, target, connect_timeout_s=CONNECT_TIMEOUT_S
+                endpoint, target, connect_timeout_s=ENGINE_CONNECT_TIMEOUT_S
             ) as response:
                 if not response.head.ok:
                     body = await response.read_body(ERROR_BODY_BYTES)
@@ -295,8 +274,7 @@ class Engine:
         """Container events from ``/events``, from ``since_ns`` on, as decoded JSON objects."""
         params: dict[str, Any] = {"filters": json.dumps({"type": ["container"]})}
         if since_ns is not None:
-            seconds, ns = divmod(since_ns, 1_000_000_000)
-            params["since"] = f"{seconds}.{ns:09d}"
+            params["since"] = format_since(since_ns)
         async with self._stream("events", params) as response:
             async for obj in _json_objects(response, "GET /events"):
                 yield obj

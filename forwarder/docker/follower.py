@@ -1,69 +1,36 @@
-"""One container's log: a source of raw lines, joined, filtered by position, handed on.
+"""A follower: one container's log read once through, handed on line by line, and its state
+handed back at the end.
 
-A *log source* is anything that yields batches of :class:`RawLine` for a container from a
-given point: today the Engine API (:class:`EngineLogSource`); a source reading the engine's
-json-file logs from disk can slot in beside it, since parsing the API stream stays inside the
-source and everything after it (joining, positions, records, output) is shared.
+:func:`follow_container` joins the source's raw lines, drops those a saved position says were
+taken, and hands each batch to the sink with the position it reaches. :func:`run_follower`
+is one follower's task: it waits the backoff it was given, reads until the stream ends, and
+returns what happened (:class:`~forwarder.docker.containers.FollowerEnded`); it never
+decides whether the container is followed again: :mod:`forwarder.docker.containers` does.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from forwarder.docker.engine import Engine
-from forwarder.docker.frames import (
-    Demuxer,
-    EngineStreamError,
-    LogLine,
-    PartialJoiner,
-    RawLine,
-    TtyReader,
-)
-from forwarder.records import ContainerInfo, Position
+from forwarder.docker.containers import EndReason, Follow, FollowerEnded
+from forwarder.docker.engine import ContainerGoneError, EngineError, LogsUnsupportedError
+from forwarder.docker.frames import EngineStreamError, PartialJoiner
+from forwarder.docker.logsource import LogSource
+from forwarder.records import ContainerInfo, LogLine, Position
+from forwarder.timefmt import format_since
 
 log = logging.getLogger(__name__)
 
-
-class LogSource(Protocol):
-    def read(
-        self, container: ContainerInfo, *, since: str | None, follow: bool
-    ) -> AsyncIterator[list[RawLine]]:
-        """Raw lines from ``since`` (the engine's inclusive ``since`` format) on."""
-        ...
+LinesSink = Callable[[ContainerInfo, list[LogLine], Position], Awaitable[None]]
 
 
-class EngineLogSource:
-    """Reads ``/containers/{id}/logs`` and parses the stream (multiplexed or TTY).
+class Inspector(Protocol):
+    """What a follower needs of :class:`forwarder.docker.engine.Engine` besides its log."""
 
-    Bytes that can't be parsed raise :class:`EngineStreamError` (naming the stream offset)
-    after the good lines of the same read have been yielded, so that they are taken and the
-    position covers them; the stream is then read again from there by the caller."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    async def read(
-        self, container: ContainerInfo, *, since: str | None, follow: bool
-    ) -> AsyncIterator[list[RawLine]]:
-        parser: Demuxer | TtyReader = TtyReader() if container.tty else Demuxer()
-        reads = self.engine.log_bytes(container.id, follow=follow, since=since)
-        async with contextlib.aclosing(reads):
-            async for data in reads:
-                try:
-                    lines = parser.feed(data)
-                except EngineStreamError as exc:
-                    if exc.lines:
-                        yield exc.lines
-                    raise
-                if lines:
-                    yield lines
-        if isinstance(parser, TtyReader):
-            tail = parser.flush()
-            if tail:
-                yield tail
+    async def inspect(self, cid: str) -> ContainerInfo: ...
 
 
 class ResumeFilter:
@@ -109,9 +76,6 @@ def advance(position: Position | None, lines: list[LogLine]) -> Position | None:
     return Position(ts, count) if ts >= 0 else None
 
 
-LinesSink = Callable[[ContainerInfo, list[LogLine], Position], Awaitable[None]]
-
-
 async def follow_container(
     container: ContainerInfo,
     source: LogSource,
@@ -138,7 +102,7 @@ async def follow_container(
     joiner = PartialJoiner(max_line_bytes, on_split)
     resume = ResumeFilter(position)
     if position is not None:
-        since = position.since_param()
+        since = format_since(position.ts_ns)
     async for raw in source.read(container, since=since, follow=follow):
         lines = joiner.feed(raw)
         if resume.active:
@@ -155,3 +119,52 @@ async def follow_container(
         assert new_position is not None
         await sink(container, lines, new_position)
         on_position(new_position)
+
+
+async def run_follower(
+    start: Follow,
+    *,
+    engine: Inspector,
+    source: LogSource,
+    sink: LinesSink,
+    max_line_bytes: int,
+) -> FollowerEnded:
+    """Follow ``start.container`` once through (after ``start.delay_s``): until the stream
+    ends, then inspect it to say how it is. Every way it can end is returned, not raised."""
+    container = start.container
+    position = start.position
+
+    def on_position(pos: Position) -> None:
+        nonlocal position
+        position = pos
+
+    def ended(
+        reason: EndReason, error: BaseException | None = None, after: ContainerInfo | None = None
+    ) -> FollowerEnded:
+        return FollowerEnded(container.cid, start.generation, reason, position, after, error)
+
+    if start.delay_s > 0:
+        await asyncio.sleep(start.delay_s)
+    try:
+        await follow_container(
+            container,
+            source,
+            sink,
+            position=start.position,
+            since=format_since(start.since_ns) if start.since_ns is not None else None,
+            follow=container.running,
+            max_line_bytes=max_line_bytes,
+            on_position=on_position,
+        )
+        # The stream ended: the container stopped, or the engine went away.
+        return ended(EndReason.STOPPED, after=await engine.inspect(container.cid))
+    except LogsUnsupportedError as exc:
+        return ended(EndReason.UNSUPPORTED, exc)
+    except ContainerGoneError:
+        return ended(EndReason.GONE)
+    except EngineError as exc:
+        return ended(EndReason.BROKE, exc)
+    except EngineStreamError as exc:
+        return ended(EndReason.CORRUPT, exc)
+    except Exception as exc:
+        return ended(EndReason.FAILED, exc)

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Final
 
 from forwarder.records import LogLine, RawLine
+from forwarder.timefmt import TimeFormatError, parse_time_ns
 
 __all__ = [
     "STDERR",
@@ -41,7 +42,6 @@ __all__ = [
     "PartialJoiner",
     "RawLine",
     "TtyReader",
-    "parse_timestamp",
     "split_timestamp",
 ]
 
@@ -90,73 +90,7 @@ def _show(data: bytes | bytearray | memoryview) -> str:
 
 # ---------------------------------------------------------------------------- timestamps
 
-_PREFIX_RE = re.compile(rb"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)")
 _TS_SHAPE_RE = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z")
-_DAYS_IN_MONTH: Final = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
-_SECONDS_CACHE: dict[bytes, int] = {}
-_SECONDS_CACHE_MAX: Final = 4096  # one entry per distinct second; replays walk forward
-
-
-def _days_from_civil(year: int, month: int, day: int) -> int:
-    """Days since 1970-01-01 in the proleptic Gregorian calendar (H. Hinnant's algorithm)."""
-    year -= month <= 2
-    era = year // 400
-    yoe = year - era * 400
-    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
-    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return era * 146097 + doe - 719468
-
-
-def _seconds_ns(prefix: bytes) -> int:
-    """``YYYY-MM-DDTHH:MM:SS`` (UTC) -> nanoseconds since the epoch, cached per second."""
-    cached = _SECONDS_CACHE.get(prefix)
-    if cached is not None:
-        return cached
-    m = _PREFIX_RE.fullmatch(prefix)
-    if m is None:
-        raise EngineStreamError(f"bad timestamp: {_show(prefix)}")
-    year, month, day, hour, minute, second = map(int, m.groups())
-    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
-    # Second 60 is refused like Go's time.Parse does: the engine can't have written it.
-    if not (
-        1 <= month <= 12
-        and 1 <= day <= _DAYS_IN_MONTH[month] + (month == 2 and leap)
-        and hour <= 23
-        and minute <= 59
-        and second <= 59
-    ):
-        raise EngineStreamError(f"timestamp out of range: {_show(prefix)}")
-    days = _days_from_civil(year, month, day)
-    value = ((days * 24 + hour) * 60 + minute) * 60 + second
-    if len(_SECONDS_CACHE) >= _SECONDS_CACHE_MAX:
-        _SECONDS_CACHE.clear()
-    _SECONDS_CACHE[prefix] = value * 1_000_000_000
-    return value * 1_000_000_000
-
-
-def parse_timestamp(ts: bytes) -> int:
-    """An RFC 3339 timestamp with 9 fraction digits -> nanoseconds since the epoch.
-
-    The engine's form is ``2026-11-25T07:12:34.123456789Z``; a numeric offset
-    (``...789+01:00``) is accepted too. Raises :class:`EngineStreamError` on anything else.
-    """
-    # YYYY-MM-DDTHH:MM:SS.fffffffffZ  or  YYYY-MM-DDTHH:MM:SS.fffffffff+HH:MM
-    n = len(ts)
-    if n == _TS_LEN and ts[29] == 0x5A:
-        offset_ns = 0
-    elif n == _OFFSET_TS_LEN and ts[29] in b"+-" and ts[32] == 0x3A:
-        hours, minutes = ts[30:32], ts[33:35]
-        if not (hours.isdigit() and minutes.isdigit()) or int(hours) > 23 or int(minutes) > 59:
-            raise EngineStreamError(f"bad timestamp offset: {_show(ts)}")
-        offset_ns = (int(hours) * 3600 + int(minutes) * 60) * 1_000_000_000
-        if ts[29] == 0x2D:
-            offset_ns = -offset_ns
-    else:
-        raise EngineStreamError(f"bad timestamp: {_show(ts)}")
-    fraction = ts[20:29]
-    if ts[19] != 0x2E or not fraction.isdigit():
-        raise EngineStreamError(f"bad timestamp: {_show(ts)}")
-    return _seconds_ns(bytes(ts[:19])) - offset_ns + int(fraction)
 
 
 def split_timestamp(message: bytes) -> tuple[int, bytes]:
@@ -174,7 +108,10 @@ def _split_ts(src: bytes, start: int, end: int) -> tuple[int, int]:
         width = _OFFSET_TS_LEN
     else:
         raise EngineStreamError(f"no timestamp and space: {_show(src[start:end])}")
-    return parse_timestamp(src[start : start + width]), start + width + 1
+    try:
+        return parse_time_ns(src[start : start + width], fraction_digits=9), start + width + 1
+    except TimeFormatError as exc:
+        raise EngineStreamError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------- non-TTY
@@ -567,9 +504,9 @@ class TtyReader:
             c = k - 29
             if _TS_SHAPE_RE.fullmatch(src, c, k + 1):
                 try:
-                    if parse_timestamp(src[c : k + 1]) >= ts_ns:
+                    if parse_time_ns(src[c : k + 1], fraction_digits=9) >= ts_ns:
                         return c
-                except EngineStreamError:
+                except TimeFormatError:
                     pass  # shaped like one but not a date: text
             k = src.find(b"Z ", k + 1, stop)
         return -1

@@ -35,8 +35,9 @@ from typing import Final, Literal, NamedTuple
 
 import msgspec
 
-from forwarder.docker.frames import EngineStreamError, parse_timestamp
+from forwarder.docker.frames import EngineStreamError
 from forwarder.records import RawLine
+from forwarder.timefmt import TimeFormatError, parse_time_ns
 
 __all__ = ["MAX_ENTRY_BYTES", "Garbled", "JsonFileChunk", "JsonFileParser", "parse_json_time"]
 
@@ -77,28 +78,12 @@ class JsonFileChunk(NamedTuple):
 
 
 def parse_json_time(value: str) -> int:
-    """A json-file ``time`` (RFC 3339, 0 to 9 fraction digits, ``Z`` or an offset) -> ns."""
-    n = len(value)
-    if n == 30:
-        return parse_timestamp(value.encode())
-    if n < 20:
-        raise EngineStreamError(f"bad timestamp: {value[:_SHOW]!r}")
-    head, rest = value[:19], value[19:]
-    if rest[0] == ".":
-        digits = len(rest) - 1
-        for k in range(1, min(len(rest), 11)):
-            if not ("0" <= rest[k] <= "9"):
-                digits = k - 1
-                break
-        if not 1 <= digits <= 9:
-            raise EngineStreamError(f"bad timestamp: {value[:_SHOW]!r}")
-        fraction, zone = rest[1 : 1 + digits], rest[1 + digits :]
-    else:
-        fraction, zone = "", rest
-    canonical = f"{head}.{fraction:0<9}{zone}"
-    if len(canonical) not in (30, 35):
-        raise EngineStreamError(f"bad timestamp: {value[:_SHOW]!r}")
-    return parse_timestamp(canonical.encode())
+    """A json-file ``time`` (RFC 3339, 0 to 9 fraction digits, ``Z`` or an offset) -> ns;
+    a bad one is an :class:`EngineStreamError`, which names the line."""
+    try:
+        return parse_time_ns(value)
+    except TimeFormatError as exc:
+        raise EngineStreamError(str(exc)) from None
 
 
 class JsonFileParser:

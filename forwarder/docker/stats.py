@@ -36,13 +36,11 @@ Where a sample comes from decides where its previous CPU reading is:
 
 from __future__ import annotations
 
-import calendar
-import re
-import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from forwarder.records import ContainerInfo, EventTime, StatsEvent
+from forwarder.timefmt import TimeFormatError, parse_time_ns
 
 __all__ = [
     "NetworkTotals",
@@ -209,9 +207,6 @@ def block_io_bytes(blkio_stats: Mapping[str, Any]) -> tuple[int, int]:
     return read_bytes, write_bytes
 
 
-_RFC3339 = re.compile(
-    r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2})", re.ASCII
-)
 _GO_ZERO_TIME = "0001-01-01T00:00:00Z"
 
 
@@ -225,16 +220,10 @@ def read_time(sample: Mapping[str, Any]) -> EventTime | None:
         return None
     if not isinstance(value, str):
         raise StatsSampleError(f"stats sample: 'read' is {value!r}, not a string")
-    match = _RFC3339.fullmatch(value)
-    if match is None:
-        raise StatsSampleError(f"stats sample: 'read' is {value!r}, not an RFC 3339 time")
-    whole, fraction, zone = match.groups()
-    seconds = calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
-    if zone != "Z":
-        sign = 1 if zone[0] == "+" else -1
-        seconds -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
-    nanoseconds = int((fraction or "").ljust(9, "0"))
-    return EventTime(seconds, nanoseconds)
+    try:
+        return EventTime.from_ns(parse_time_ns(value))
+    except TimeFormatError as exc:
+        raise StatsSampleError(f"stats sample: 'read' is {value!r}, not an RFC 3339 time") from exc
 
 
 def stats_event(

@@ -23,14 +23,14 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
-from forwarder.backoff import backoff_delays
 from forwarder.docker.engine import ContainerGoneError, EngineError
 from forwarder.docker.stats import StatsSampleError, StatsSampler, read_time
-from forwarder.records import ContainerId, ContainerInfo
+from forwarder.records import ContainerId, ContainerInfo, RecordsSink
 from forwarder.tags import Template
+from forwarder.tuning import source_retry_delays
 
 __all__ = ["ENGINE_PERIOD_S", "ONESHOT_FROM_S", "StatsMode", "StatsPoller", "stream_every"]
 
@@ -43,8 +43,6 @@ ENGINE_PERIOD_S = 1.0
 
 SHIP_GRACE_S = 1.0
 """How long :meth:`StatsPoller.aclose` waits for records still on their way to the buffer."""
-
-RecordsSink = Callable[[str, list[tuple[int, dict[str, Any]]]], Awaitable[None]]
 
 
 class StatsSource(Protocol):
@@ -84,7 +82,7 @@ class StatsPoller:
         tag: Template,
         sink: RecordsSink,
         clock_ns: Callable[[], int] = time.time_ns,
-        retry_delays: Callable[[], Iterator[float]] = lambda: backoff_delays(0.5, 10.0),
+        retry_delays: Callable[[], Iterator[float]] = source_retry_delays,
     ) -> None:
         if interval_s <= 0:
             raise ValueError("the stats interval must be positive (0 turns stats off)")
