@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
-import socket
+import platform
 import tempfile
 import tomllib
 from collections.abc import Mapping
@@ -392,7 +392,7 @@ class OutputConfig(_Section):
         'probes, it waits out its backoff. "0s" or 1ms to 1h.',
     )
     self_hostname: str = Field(
-        default_factory=socket.gethostname,
+        default_factory=platform.node,
         description="Our name in the handshake. Default: the host's name.",
         json_schema_extra={"default": "the host's name"},
     )
