@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import platform
+import re
 import tempfile
 import tomllib
 from collections.abc import Mapping
