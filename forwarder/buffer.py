@@ -18,7 +18,8 @@ records are written as soon as the releases come, one write and fsync for all th
 meanwhile, not lazily with the next chunk appended: after a backlog drains no chunk may be
 appended for hours, and a crash would then send the whole backlog again. The chunks that are
 delivered but not yet recorded as such, which a crash sends again, are capped by design at
-``UNRECORDED_RELEASES``: the output takes no further chunk from disk while that many wait.
+``UNRECORDED_RELEASES`` (:mod:`forwarder.tuning`): the output takes no further chunk from disk
+while that many wait.
 
 When the disk is full too, ``[buffer] overflow`` decides: ``"block"`` makes ``put`` wait (the
 followers pause, and the engine's log files hold the data); ``"drop_oldest"`` drops the oldest
@@ -34,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from forwarder import tuning
 from forwarder.chunks import Chunk
 from forwarder.segments import (
     BufferFullError,
@@ -45,11 +47,6 @@ from forwarder.segments import (
 )
 
 log = logging.getLogger(__name__)
-
-# Delivered disk chunks whose release may not be on disk yet (a crash sends them again): at
-# most this many, plus the chunks in flight. While the disk keeps up, a release record is
-# written as soon as its ack comes, with whatever else came during the last write.
-UNRECORDED_RELEASES = 2
 
 
 @dataclass(slots=True)
@@ -274,7 +271,7 @@ class ChunkBuffer:
 
     def _can_get(self) -> bool:
         if self._disk:
-            return self._unrecorded < UNRECORDED_RELEASES
+            return self._unrecorded < tuning.UNRECORDED_RELEASES
         return bool(self._memory)
 
     async def get(self) -> Chunk:
@@ -434,5 +431,8 @@ def _meta_of(chunk: Chunk) -> ChunkMeta:
 
 def open_store(state_dir: Path, max_bytes: int) -> SegmentStore:
     # Segments small enough that deleting delivered ones frees room well before the cap.
-    segment_bytes = max(64 * 1024, min(8 << 20, max_bytes // 8))
+    segment_bytes = max(
+        tuning.SEGMENT_MIN_BYTES,
+        min(tuning.SEGMENT_MAX_BYTES, max_bytes // tuning.SEGMENTS_PER_BUFFER),
+    )
     return SegmentStore(state_dir / "buffer", max_bytes=max_bytes, segment_bytes=segment_bytes)

@@ -79,6 +79,7 @@ from typing import Final
 
 import msgpack
 
+from forwarder import tuning
 from forwarder.chunks import ChunkId
 from forwarder.fsutil import fsync_directory
 from forwarder.records import ContainerId, Position
@@ -378,7 +379,7 @@ class SegmentStore:
         directory: Path,
         *,
         max_bytes: int,
-        segment_bytes: int = 8 << 20,
+        segment_bytes: int = tuning.SEGMENT_MAX_BYTES,
         fsync: bool = True,
     ) -> None:
         if max_bytes <= 0 or segment_bytes <= 0:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.buffer import UNRECORDED_RELEASES, ChunkBuffer, open_store
+from forwarder.buffer import ChunkBuffer, open_store
 from forwarder.chunks import Chunk, new_chunk_id
 from forwarder.records import Position
 from forwarder.segments import SegmentStore
+from forwarder.tuning import UNRECORDED_RELEASES
 from tests.helpers import CID, run, until
 
 
