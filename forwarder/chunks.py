@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import NewType
 
-from forwarder.forward.protocol import encode_message
+from forwarder.forward.protocol import decode_entries, encode_message
 from forwarder.records import ContainerId, Position, RecordKind
 
 ChunkId = NewType("ChunkId", str)
@@ -132,3 +132,20 @@ class _OpenChunk:
     size: int = 0
     count: int = 0
     positions: dict[ContainerId, Position] = field(default_factory=dict)
+
+
+def kind_of_payload(payload: bytes) -> RecordKind:
+    """The kind of a chunk read back from the disk buffer, which keeps no kind: told by its
+    first record's keys (the Chunker never mixes kinds in one chunk)."""
+    import msgpack
+
+    _tag, entries, options = msgpack.unpackb(payload, raw=False)
+    if options.get("compressed") == "gzip":
+        import gzip
+
+        entries = gzip.decompress(entries)
+    for _time, record in decode_entries(entries):
+        if "log" in record:
+            return "log"
+        return "lifecycle" if "action" in record else "stats"
+    return "log"
