@@ -94,6 +94,7 @@ class ChunkAssembler:
     async def _put(self, chunks: list[Chunk]) -> None:
         # Register every chunk before the first await, so positions commit in sealing order.
         for chunk in chunks:
+            assert chunk.seq is not None  # sealed in this run
             self.tracker.sealed(chunk.seq, chunk.positions)
         for chunk in chunks:
             await self.buffer.put(chunk)

@@ -32,27 +32,13 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from forwarder import tuning
 from forwarder.chunks import Chunk
-from forwarder.segments import (
-    BufferFullError,
-    ChunkMeta,
-    CorruptChunkError,
-    Damage,
-    SegmentStore,
-    StoredChunk,
-)
+from forwarder.segments import BufferFullError, CorruptChunkError, Damage, SegmentStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _OnDisk:
-    meta: ChunkMeta
-    chunk: Chunk | None  # the payload, kept while memory allows; else read back when due
 
 
 class ChunkBuffer:
@@ -73,7 +59,9 @@ class ChunkBuffer:
         self.drop_oldest = drop_oldest
         self.on_durable = on_durable
         self._memory: deque[Chunk] = deque()
-        self._disk: deque[_OnDisk] = deque()
+        # Durable on disk; a chunk's payload stays loaded while memory allows, else it is
+        # read back when the chunk is due.
+        self._disk: deque[Chunk] = deque()
         self._held = 0  # payload bytes in memory: queued, cached for disk entries, in flight
         self._stalled = False
         self._changed = asyncio.Condition()
@@ -115,7 +103,7 @@ class ChunkBuffer:
     @property
     def disk_chunk_bytes(self) -> int:
         """Payload bytes of the chunks queued on disk (``disk_chunks``)."""
-        return sum(entry.meta.payload_bytes for entry in self._disk)
+        return sum(chunk.size for chunk in self._disk)
 
     @property
     def disk_bytes(self) -> int:
@@ -146,8 +134,8 @@ class ChunkBuffer:
         """Recover the disk backlog of the last run, queued oldest first."""
         if self.store is None:
             return []
-        metas, damage = await asyncio.to_thread(self.store.recover)
-        self._disk.extend(_OnDisk(meta, None) for meta in metas)
+        chunks, damage = await asyncio.to_thread(self.store.recover)
+        self._disk.extend(chunks)
         return damage
 
     # --- in -------------------------------------------------------------------------------
@@ -208,9 +196,8 @@ class ChunkBuffer:
     async def _try_append(self, chunks: list[Chunk]) -> bool:
         """Write chunks to disk if they fit under ``max_bytes``; never waits for room."""
         assert self.store is not None
-        stored = [StoredChunk(c.chunk_id, c.tag, c.count, c.positions, c.payload) for c in chunks]
         try:
-            await asyncio.to_thread(self.store.append_many, stored)
+            await asyncio.to_thread(self.store.append_many, chunks)
         except BufferFullError:
             return False
         return True
@@ -222,10 +209,10 @@ class ChunkBuffer:
             if not chunk.stored:
                 chunk.stored = True
                 if self._memory_full_for(chunk.size):
-                    entries.append(_OnDisk(_meta_of(chunk), None))
+                    entries.append(chunk.without_payload())
                     continue
                 self._held += chunk.size
-            entries.append(_OnDisk(_meta_of(chunk), chunk))
+            entries.append(chunk)
         if front:
             self._disk.extendleft(reversed(entries))
         else:
@@ -239,11 +226,11 @@ class ChunkBuffer:
             dropped = self.store.drop_oldest()
             if dropped is not None:
                 async with self._changed:
-                    for entry in self._disk:
-                        if entry.meta.chunk_id == dropped.chunk_id:
-                            self._disk.remove(entry)
-                            if entry.chunk is not None:
-                                self._held -= entry.chunk.size
+                    for queued in self._disk:
+                        if queued.chunk_id == dropped.chunk_id:
+                            self._disk.remove(queued)
+                            if queued.is_loaded:
+                                self._held -= queued.size
                             break
                 self.dropped_chunks += 1
                 self.dropped_records += dropped.count
@@ -282,29 +269,30 @@ class ChunkBuffer:
                 await self._changed.wait_for(self._can_get)
                 if not self._disk:
                     return self._memory.popleft()
-                entry = self._disk.popleft()
-            if entry.chunk is not None:
-                return entry.chunk
+                queued = self._disk.popleft()
+            if queued.is_loaded:
+                return queued
             try:
-                chunk = await self._read(entry.meta)
+                chunk = await self._read(queued)
             except asyncio.CancelledError:
-                self._disk.appendleft(entry)  # still first in line
+                self._disk.appendleft(queued)  # still first in line
                 raise
             if chunk is not None:
                 self._held += chunk.size
                 return chunk
 
-    async def _read(self, meta: ChunkMeta) -> Chunk | None:
+    async def _read(self, chunk: Chunk) -> Chunk | None:
+        """``chunk`` with its payload read back from disk; None if it is gone."""
         assert self.store is not None
         try:
-            stored = await asyncio.to_thread(self.store.read, meta.chunk_id)
+            stored = await asyncio.to_thread(self.store.read, chunk.chunk_id)
         except KeyError:
             return None  # dropped meanwhile
         except CorruptChunkError as exc:
-            self.lost_corrupt += meta.count
-            log.error("disk buffer: a chunk of %d records can't be read back: %s", meta.count, exc)
+            self.lost_corrupt += chunk.count
+            log.error("disk buffer: a chunk of %d records can't be read back: %s", chunk.count, exc)
             return None
-        return Chunk(0, stored.chunk_id, stored.tag, stored.payload, stored.count, {}, stored=True)
+        return chunk.with_payload(stored.payload)
 
     async def stall(self, chunk: Chunk) -> None:
         """No server can take ``chunk`` now. It stays first in line; with a disk buffer it
@@ -318,7 +306,7 @@ class ChunkBuffer:
                 return
             self._stalled = True
             if chunk.stored:
-                self._disk.appendleft(_OnDisk(_meta_of(chunk), chunk))
+                self._disk.appendleft(chunk)
                 self._changed.notify_all()
                 spill = list(self._memory)
             else:
@@ -423,10 +411,6 @@ class ChunkBuffer:
             )
         await asyncio.to_thread(self.store.close)
         return written
-
-
-def _meta_of(chunk: Chunk) -> ChunkMeta:
-    return ChunkMeta(chunk.chunk_id, chunk.tag, chunk.count, chunk.positions, len(chunk.payload))
 
 
 def open_store(state_dir: Path, max_bytes: int) -> SegmentStore:

@@ -104,14 +104,17 @@ class Pipeline:
 
     def _durable(self, chunk: Chunk) -> None:
         """The chunk is in the disk buffer: a restart replays it, so its positions commit."""
-        if self.tracker.delivered(chunk.seq):
+        self._commit(chunk)
+
+    def _commit(self, chunk: Chunk) -> None:
+        # A chunk recovered from an earlier run (no seq) had its positions committed there.
+        if chunk.seq is not None and self.tracker.delivered(chunk.seq):
             self.checkpointer.mark()
 
     async def _delivered(self, chunk: Chunk) -> None:
         self.chunks_delivered += 1
         self.delivered[chunk.kind or kind_of_payload(chunk.payload)] += chunk.count
-        if self.tracker.delivered(chunk.seq):
-            self.checkpointer.mark()
+        self._commit(chunk)
         self.buffer.recovered()
         await self.buffer.done(chunk)
         if self._forget_later:

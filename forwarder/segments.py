@@ -50,7 +50,8 @@ Space: ``max_bytes`` caps the segment files' total size. An append that would pa
 would lose a chunk silently. The caller then waits (backpressure) or calls `drop_oldest` and
 retries. Released records count until their segment is deleted.
 
-Memory: `recover` returns metadata only and `read` fetches one payload when it is due, since
+Memory: `recover` returns the chunks without their payloads and `read` loads one when it is
+due, since
 the disk buffer (``[buffer] max_bytes``, 256 MiB by default) may be far larger than the memory
 queue (``[output] buffer_limit``).
 
@@ -80,7 +81,7 @@ from typing import Final
 import msgpack
 
 from forwarder import tuning
-from forwarder.chunks import ChunkId
+from forwarder.chunks import Chunk, ChunkId
 from forwarder.fsutil import fsync_directory
 from forwarder.records import ContainerId, Position
 
@@ -122,28 +123,6 @@ class CorruptChunkError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class StoredChunk:
-    """A chunk as the store takes it in and gives it back."""
-
-    chunk_id: ChunkId
-    tag: str
-    count: int
-    positions: dict[ContainerId, Position]
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkMeta:
-    """A stored chunk without its payload: what the index keeps in memory."""
-
-    chunk_id: ChunkId
-    tag: str
-    count: int
-    positions: dict[ContainerId, Position]
-    payload_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
 class Damage:
     """A stretch of a segment that recovery skipped. One per damaged stretch, to log once."""
 
@@ -172,14 +151,15 @@ def _encode_record(kind: int, meta: bytes, payload: bytes = b"") -> bytes:
     return head + _U32.pack(zlib.crc32(head)) + meta
 
 
-def _encode_chunk_meta(chunk: StoredChunk) -> bytes:
+def _encode_chunk_meta(chunk: Chunk) -> bytes:
     packed: bytes = msgpack.packb(
         {"id": chunk.chunk_id, "tag": chunk.tag, "count": chunk.count, "pos": chunk.positions}
     )
     return packed
 
 
-def _decode_chunk_meta(meta: bytes, payload_bytes: int) -> ChunkMeta:
+def _decode_chunk_meta(meta: bytes, payload_bytes: int) -> Chunk:
+    """The chunk a record's metadata describes, its payload not loaded."""
     try:
         m = msgpack.unpackb(meta)
         cid, tag, count, pos = m["id"], m["tag"], m["count"], m["pos"]
@@ -193,7 +173,7 @@ def _decode_chunk_meta(meta: bytes, payload_bytes: int) -> ChunkMeta:
         positions = {ContainerId(str(k)): Position(int(v[0]), int(v[1])) for k, v in pos.items()}
     except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as exc:
         raise ValueError(f"bad chunk metadata: {exc}") from exc
-    return ChunkMeta(ChunkId(cid), tag, count, positions, payload_bytes)
+    return Chunk(ChunkId(cid), tag, count, payload_bytes, positions, stored=True)
 
 
 def _decode_release_meta(meta: bytes) -> list[ChunkId]:
@@ -314,8 +294,8 @@ class _Segment:
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
-    meta: ChunkMeta
-    seq: int
+    chunk: Chunk  # its payload not loaded
+    seq: int  # the segment's
     offset: int
     head_bytes: int  # header plus metadata; the payload follows
 
@@ -327,8 +307,8 @@ def _check_record(head: bytes, payload: bytes, entry: _Entry) -> str | None:
         return header
     if (
         len(head) != entry.head_bytes
-        or len(payload) != entry.meta.payload_bytes
-        or header.record_bytes != entry.head_bytes + entry.meta.payload_bytes
+        or len(payload) != entry.chunk.size
+        or header.record_bytes != entry.head_bytes + entry.chunk.size
     ):
         return "record shorter than indexed"
     meta = head[HEADER_BYTES:]
@@ -424,7 +404,7 @@ class SegmentStore:
 
     # --- start ------------------------------------------------------------------------------
 
-    def recover(self) -> tuple[list[ChunkMeta], list[Damage]]:
+    def recover(self) -> tuple[list[Chunk], list[Damage]]:
         """Scans the segments: the live chunks oldest first, and the damage found.
 
         Must run once, before the first append. Payloads stay on disk (the buffer on disk may
@@ -447,7 +427,7 @@ class SegmentStore:
             self._next_seq = found[-1][0] + 1 if found else 1
             self._state = _State.OPEN
             self._collect()
-            return [entry.meta for entry in self._live.values()], damage
+            return [entry.chunk for entry in self._live.values()], damage
 
     def _load(self, seq: int, path: Path, damage: list[Damage]) -> None:
         data = path.read_bytes()
@@ -485,16 +465,16 @@ class SegmentStore:
         return entry.seq
 
     def _add_live(self, entry: _Entry) -> None:
-        self._live[entry.meta.chunk_id] = entry
+        self._live[entry.chunk.chunk_id] = entry
         self._segments[entry.seq].live += 1
 
     # --- writes -----------------------------------------------------------------------------
 
-    def append(self, chunk: StoredChunk) -> None:
+    def append(self, chunk: Chunk) -> None:
         """Writes one chunk and makes it durable. Raises `BufferFullError` past ``max_bytes``."""
         self.append_many((chunk,))
 
-    def append_many(self, chunks: Sequence[StoredChunk]) -> None:
+    def append_many(self, chunks: Sequence[Chunk]) -> None:
         """Writes several chunks with one fsync (group commit): all are stored, or none.
 
         Raises `BufferFullError` if they don't all fit under ``max_bytes`` (nothing written),
@@ -514,7 +494,7 @@ class SegmentStore:
         with self._io:
             self._commit((), [])
 
-    def _commit(self, chunks: Sequence[StoredChunk], encoded: list[_Item]) -> None:
+    def _commit(self, chunks: Sequence[Chunk], encoded: list[_Item]) -> None:
         """Writes the releases not yet on disk, then ``chunks``. Runs with ``_io`` held."""
         ids = [c.chunk_id for c in chunks]
         with self._lock:
@@ -559,14 +539,15 @@ class SegmentStore:
                     self._released_early.discard(chunk.chunk_id)
                     self._unwritten[chunk.chunk_id] = seq
                     continue
-                meta = ChunkMeta(
+                held = Chunk(
                     chunk.chunk_id,
                     chunk.tag,
                     chunk.count,
+                    chunk.size,
                     dict(chunk.positions),
-                    len(chunk.payload),
+                    stored=True,
                 )
-                self._add_live(_Entry(meta, seq, offset, len(item.buffers[0])))
+                self._add_live(_Entry(held, seq, offset, len(item.buffers[0])))
             self._collect()
 
     def _with_releases(self, encoded: list[_Item]) -> tuple[dict[ChunkId, int], list[_Item]]:
@@ -678,7 +659,7 @@ class SegmentStore:
             self._release(entry)
             return True
 
-    def drop_oldest(self) -> ChunkMeta | None:
+    def drop_oldest(self) -> Chunk | None:
         """Releases the oldest live chunk and returns it, for the caller to count and log."""
         with self._lock:
             if self._state is _State.CLOSED:
@@ -687,11 +668,11 @@ class SegmentStore:
                 return None
             entry = next(iter(self._live.values()))
             self._release(entry)
-            return entry.meta
+            return entry.chunk
 
     def _release(self, entry: _Entry) -> None:
-        self._forget(entry.meta.chunk_id)
-        self._unwritten[entry.meta.chunk_id] = entry.seq
+        self._forget(entry.chunk.chunk_id)
+        self._unwritten[entry.chunk.chunk_id] = entry.seq
         if self._segments[entry.seq].live == 0:
             self._collect()
 
@@ -717,7 +698,7 @@ class SegmentStore:
 
     # --- reads and end ----------------------------------------------------------------------
 
-    def read(self, chunk_id: ChunkId) -> StoredChunk:
+    def read(self, chunk_id: ChunkId) -> Chunk:
         """A live chunk with its payload, from disk, checked against its CRCs.
 
         Raises ``KeyError`` if the chunk is not live, `CorruptChunkError` if its record no
@@ -735,7 +716,7 @@ class SegmentStore:
             raise KeyError(chunk_id) from None
         try:
             head = os.pread(fd, entry.head_bytes, entry.offset)
-            payload = os.pread(fd, entry.meta.payload_bytes, entry.offset + entry.head_bytes)
+            payload = os.pread(fd, entry.chunk.size, entry.offset + entry.head_bytes)
         finally:
             os.close(fd)
         reason = _check_record(head, payload, entry)
@@ -743,10 +724,9 @@ class SegmentStore:
             with self._lock:
                 if self._live.get(chunk_id) is entry:
                     self._release(entry)
-            size = entry.head_bytes + entry.meta.payload_bytes
+            size = entry.head_bytes + entry.chunk.size
             raise CorruptChunkError(Damage(path, entry.offset, size, reason))
-        meta = entry.meta
-        return StoredChunk(meta.chunk_id, meta.tag, meta.count, meta.positions, payload)
+        return entry.chunk.with_payload(payload)
 
     def close(self) -> None:
         """Writes the pending releases, syncs, and deletes what is fully released."""
