@@ -223,7 +223,7 @@ class ChunkBuffer:
         """The disk is full: drop the oldest chunk (opt-in), or wait for a delivery."""
         assert self.store is not None
         if self.drop_oldest:
-            dropped = self.store.drop_oldest()
+            dropped = self.store.drop_oldest(collect=False)  # the retried append deletes
             if dropped is not None:
                 async with self._changed:
                     for queued in self._disk:
@@ -335,7 +335,9 @@ class ChunkBuffer:
             self._releases += 1
             # Also when not marked stored yet: an ack can beat the chunk's own disk write
             # (mode "always"), and the store keeps such an early release.
-            if self.store is not None and self.store.release(chunk.chunk_id):
+            # The segment this may empty is deleted by the release records' write, off the
+            # loop.
+            if self.store is not None and self.store.release(chunk.chunk_id, collect=False):
                 self._unrecorded += 1
                 if self._recorder is None or self._recorder.done():
                     self._recorder = asyncio.create_task(

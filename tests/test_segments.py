@@ -196,6 +196,34 @@ def test_release_deletes_fully_released_non_current_segments(tmp_path: Path) -> 
     assert segment_files(tmp_path) == []
 
 
+def test_a_release_on_the_event_loop_leaves_the_deletion_to_a_blocking_call(
+    tmp_path: Path,
+) -> None:
+    """With ``collect=False`` (the buffer's calls, on the event loop) a release or a drop
+    unlinks nothing; the next blocking call deletes first, so that no release record is
+    written for a segment that is gone."""
+    size = record_size(chunk(0))
+    store, _, _ = open_store(tmp_path, segment_bytes=2 * size)
+    for i in range(6):
+        store.append(chunk(i))
+    seg1, seg2, seg3 = segment_files(tmp_path)
+
+    assert store.release(ChunkId("chunk-0000"), collect=False)
+    assert store.release(ChunkId("chunk-0001"), collect=False)
+    assert segment_files(tmp_path) == [seg1, seg2, seg3]
+    store.persist_releases()
+    assert segment_files(tmp_path) == [seg2, seg3]
+    assert store.bytes_used == 4 * size  # no release record: its segment went first
+
+    assert store.drop_oldest(collect=False) == meta_of(chunk(2))
+    assert store.drop_oldest(collect=False) == meta_of(chunk(3))
+    assert segment_files(tmp_path) == [seg2, seg3]
+    store.append(chunk(6))
+    assert segment_files(tmp_path)[:1] == [seg3]
+    assert_accounts(store, tmp_path)
+    store.close()
+
+
 def test_segment_holding_release_records_outlives_the_segment_they_name(tmp_path: Path) -> None:
     size = record_size(chunk(0))
     store, _, _ = open_store(tmp_path, segment_bytes=2 * size)
