@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from forwarder import tuning  # noqa: E402
 from forwarder.chunks import Chunk, Chunker  # noqa: E402
 from forwarder.config import config_from_dict  # noqa: E402
-from forwarder.forward import connection  # noqa: E402
 from forwarder.forward.output import ForwardOutput  # noqa: E402
 from forwarder.forward.protocol import encode_log_entries  # noqa: E402
 from forwarder.records import LogLine  # noqa: E402
@@ -98,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--chunks", type=int, default=150)
     parser.add_argument("--rtt-ms", type=float, nargs="+", default=[0, 2, 10, 50])
-    parser.add_argument("--windows", type=int, nargs="+", default=[1, connection.CHUNKS_IN_FLIGHT])
+    parser.add_argument("--windows", type=int, nargs="+", default=[1, tuning.CHUNKS_IN_FLIGHT])
     parser.add_argument("--proxy", type=float, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.proxy:
@@ -133,7 +133,7 @@ def main() -> None:
                 target = int(link.stdout.readline())
             try:
                 for window in args.windows:
-                    connection.CHUNKS_IN_FLIGHT = window
+                    tuning.CHUNKS_IN_FLIGHT = window
                     elapsed = asyncio.run(ship(target, chunks))
                     print(
                         f"rtt {rtt_ms:4g} ms, {window} in flight: {megabytes / elapsed:7.0f} MB/s "

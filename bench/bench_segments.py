@@ -23,24 +23,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from forwarder.chunks import ChunkId  # noqa: E402
+from forwarder.chunks import Chunk, ChunkId  # noqa: E402
 from forwarder.records import ContainerId, Position  # noqa: E402
-from forwarder.segments import SegmentStore, StoredChunk  # noqa: E402
+from forwarder.segments import SegmentStore  # noqa: E402
 
 MIB = 1 << 20
 CONTAINER = ContainerId("f" * 64)
 
 
-def make_chunks(count: int, size: int, prefix: str) -> list[StoredChunk]:
+def make_chunks(count: int, size: int, prefix: str) -> list[Chunk]:
     # A few distinct random payloads (incompressible, like gzip chunks), shared to save time.
     payloads = [os.urandom(size) for _ in range(4)]
     return [
-        StoredChunk(
+        Chunk.of(
             ChunkId(f"{prefix}-{i}"),
             "docker.bench",
+            payloads[i % 4],
             size // 110,
             {CONTAINER: Position(1_700_000_000_000_000_000 + i, 1)},
-            payloads[i % 4],
         )
         for i in range(count)
     ]
@@ -62,7 +62,7 @@ def bench_append(directory: Path, size: int, group: int, seconds: float) -> None
     start = time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds:
         batch = [
-            StoredChunk(ChunkId(f"c{done + k}"), c.tag, c.count, c.positions, c.payload)
+            Chunk.of(ChunkId(f"c{done + k}"), c.tag, c.payload, c.count, c.positions)
             for k, c in enumerate(pool[:group])
         ]
         if group == 1:

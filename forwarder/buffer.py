@@ -18,7 +18,8 @@ records are written as soon as the releases come, one write and fsync for all th
 meanwhile, not lazily with the next chunk appended: after a backlog drains no chunk may be
 appended for hours, and a crash would then send the whole backlog again. The chunks that are
 delivered but not yet recorded as such, which a crash sends again, are capped by design at
-``UNRECORDED_RELEASES``: the output takes no further chunk from disk while that many wait.
+``UNRECORDED_RELEASES`` (:mod:`forwarder.tuning`): the output takes no further chunk from disk
+while that many wait.
 
 When the disk is full too, ``[buffer] overflow`` decides: ``"block"`` makes ``put`` wait (the
 followers pause, and the engine's log files hold the data); ``"drop_oldest"`` drops the oldest
@@ -31,31 +32,13 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+from forwarder import tuning
 from forwarder.chunks import Chunk
-from forwarder.segments import (
-    BufferFullError,
-    ChunkMeta,
-    CorruptChunkError,
-    Damage,
-    SegmentStore,
-    StoredChunk,
-)
+from forwarder.segments import BufferFullError, CorruptChunkError, Damage, SegmentStore
 
 log = logging.getLogger(__name__)
-
-# Delivered disk chunks whose release may not be on disk yet (a crash sends them again): at
-# most this many, plus the chunks in flight. While the disk keeps up, a release record is
-# written as soon as its ack comes, with whatever else came during the last write.
-UNRECORDED_RELEASES = 2
-
-
-@dataclass(slots=True)
-class _OnDisk:
-    meta: ChunkMeta
-    chunk: Chunk | None  # the payload, kept while memory allows; else read back when due
 
 
 class ChunkBuffer:
@@ -76,7 +59,9 @@ class ChunkBuffer:
         self.drop_oldest = drop_oldest
         self.on_durable = on_durable
         self._memory: deque[Chunk] = deque()
-        self._disk: deque[_OnDisk] = deque()
+        # Durable on disk; a chunk's payload stays loaded while memory allows, else it is
+        # read back when the chunk is due.
+        self._disk: deque[Chunk] = deque()
         self._held = 0  # payload bytes in memory: queued, cached for disk entries, in flight
         self._stalled = False
         self._changed = asyncio.Condition()
@@ -118,7 +103,7 @@ class ChunkBuffer:
     @property
     def disk_chunk_bytes(self) -> int:
         """Payload bytes of the chunks queued on disk (``disk_chunks``)."""
-        return sum(entry.meta.payload_bytes for entry in self._disk)
+        return sum(chunk.size for chunk in self._disk)
 
     @property
     def disk_bytes(self) -> int:
@@ -149,8 +134,8 @@ class ChunkBuffer:
         """Recover the disk backlog of the last run, queued oldest first."""
         if self.store is None:
             return []
-        metas, damage = await asyncio.to_thread(self.store.recover)
-        self._disk.extend(_OnDisk(meta, None) for meta in metas)
+        chunks, damage = await asyncio.to_thread(self.store.recover)
+        self._disk.extend(chunks)
         return damage
 
     # --- in -------------------------------------------------------------------------------
@@ -211,9 +196,8 @@ class ChunkBuffer:
     async def _try_append(self, chunks: list[Chunk]) -> bool:
         """Write chunks to disk if they fit under ``max_bytes``; never waits for room."""
         assert self.store is not None
-        stored = [StoredChunk(c.chunk_id, c.tag, c.count, c.positions, c.payload) for c in chunks]
         try:
-            await asyncio.to_thread(self.store.append_many, stored)
+            await asyncio.to_thread(self.store.append_many, chunks)
         except BufferFullError:
             return False
         return True
@@ -225,10 +209,10 @@ class ChunkBuffer:
             if not chunk.stored:
                 chunk.stored = True
                 if self._memory_full_for(chunk.size):
-                    entries.append(_OnDisk(_meta_of(chunk), None))
+                    entries.append(chunk.without_payload())
                     continue
                 self._held += chunk.size
-            entries.append(_OnDisk(_meta_of(chunk), chunk))
+            entries.append(chunk)
         if front:
             self._disk.extendleft(reversed(entries))
         else:
@@ -239,14 +223,14 @@ class ChunkBuffer:
         """The disk is full: drop the oldest chunk (opt-in), or wait for a delivery."""
         assert self.store is not None
         if self.drop_oldest:
-            dropped = self.store.drop_oldest()
+            dropped = self.store.drop_oldest(collect=False)  # the retried append deletes
             if dropped is not None:
                 async with self._changed:
-                    for entry in self._disk:
-                        if entry.meta.chunk_id == dropped.chunk_id:
-                            self._disk.remove(entry)
-                            if entry.chunk is not None:
-                                self._held -= entry.chunk.size
+                    for queued in self._disk:
+                        if queued.chunk_id == dropped.chunk_id:
+                            self._disk.remove(queued)
+                            if queued.is_loaded:
+                                self._held -= queued.size
                             break
                 self.dropped_chunks += 1
                 self.dropped_records += dropped.count
@@ -274,7 +258,7 @@ class ChunkBuffer:
 
     def _can_get(self) -> bool:
         if self._disk:
-            return self._unrecorded < UNRECORDED_RELEASES
+            return self._unrecorded < tuning.UNRECORDED_RELEASES
         return bool(self._memory)
 
     async def get(self) -> Chunk:
@@ -285,29 +269,30 @@ class ChunkBuffer:
                 await self._changed.wait_for(self._can_get)
                 if not self._disk:
                     return self._memory.popleft()
-                entry = self._disk.popleft()
-            if entry.chunk is not None:
-                return entry.chunk
+                queued = self._disk.popleft()
+            if queued.is_loaded:
+                return queued
             try:
-                chunk = await self._read(entry.meta)
+                chunk = await self._read(queued)
             except asyncio.CancelledError:
-                self._disk.appendleft(entry)  # still first in line
+                self._disk.appendleft(queued)  # still first in line
                 raise
             if chunk is not None:
                 self._held += chunk.size
                 return chunk
 
-    async def _read(self, meta: ChunkMeta) -> Chunk | None:
+    async def _read(self, chunk: Chunk) -> Chunk | None:
+        """``chunk`` with its payload read back from disk; None if it is gone."""
         assert self.store is not None
         try:
-            stored = await asyncio.to_thread(self.store.read, meta.chunk_id)
+            stored = await asyncio.to_thread(self.store.read, chunk.chunk_id)
         except KeyError:
             return None  # dropped meanwhile
         except CorruptChunkError as exc:
-            self.lost_corrupt += meta.count
-            log.error("disk buffer: a chunk of %d records can't be read back: %s", meta.count, exc)
+            self.lost_corrupt += chunk.count
+            log.error("disk buffer: a chunk of %d records can't be read back: %s", chunk.count, exc)
             return None
-        return Chunk(0, stored.chunk_id, stored.tag, stored.payload, stored.count, {}, stored=True)
+        return chunk.with_payload(stored.payload)
 
     async def stall(self, chunk: Chunk) -> None:
         """No server can take ``chunk`` now. It stays first in line; with a disk buffer it
@@ -321,7 +306,7 @@ class ChunkBuffer:
                 return
             self._stalled = True
             if chunk.stored:
-                self._disk.appendleft(_OnDisk(_meta_of(chunk), chunk))
+                self._disk.appendleft(chunk)
                 self._changed.notify_all()
                 spill = list(self._memory)
             else:
@@ -350,7 +335,9 @@ class ChunkBuffer:
             self._releases += 1
             # Also when not marked stored yet: an ack can beat the chunk's own disk write
             # (mode "always"), and the store keeps such an early release.
-            if self.store is not None and self.store.release(chunk.chunk_id):
+            # The segment this may empty is deleted by the release records' write, off the
+            # loop.
+            if self.store is not None and self.store.release(chunk.chunk_id, collect=False):
                 self._unrecorded += 1
                 if self._recorder is None or self._recorder.done():
                     self._recorder = asyncio.create_task(
@@ -428,11 +415,10 @@ class ChunkBuffer:
         return written
 
 
-def _meta_of(chunk: Chunk) -> ChunkMeta:
-    return ChunkMeta(chunk.chunk_id, chunk.tag, chunk.count, chunk.positions, len(chunk.payload))
-
-
 def open_store(state_dir: Path, max_bytes: int) -> SegmentStore:
     # Segments small enough that deleting delivered ones frees room well before the cap.
-    segment_bytes = max(64 * 1024, min(8 << 20, max_bytes // 8))
+    segment_bytes = max(
+        tuning.SEGMENT_MIN_BYTES,
+        min(tuning.SEGMENT_MAX_BYTES, max_bytes // tuning.SEGMENTS_PER_BUFFER),
+    )
     return SegmentStore(state_dir / "buffer", max_bytes=max_bytes, segment_bytes=segment_bytes)

@@ -7,6 +7,7 @@ over an earlier chunk that is still in flight.
 
 Positions are saved as JSON under the state directory: write a temp file, fsync, rename,
 fsync the directory. A crash leaves either the old file or the new one, never half of one.
+The :class:`Checkpointer` saves them after deliveries, at a bounded rate.
 
 Beside the positions the file says up to when a run from this state watched the engine
 (``engine_seen_ns``): absent until a run has listed the engine's containers. That, not the
@@ -18,18 +19,25 @@ catch-up, so a run that never saw the engine must not move it either.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forwarder import tuning
 from forwarder.fsutil import fsync_directory
 from forwarder.records import ContainerId, Position
 
 log = logging.getLogger(__name__)
+# The name the checkpointer's lines carry in the log, as when it lived in the pipeline module:
+# users read it and filter on it.
+checkpointer_log = logging.getLogger("forwarder.pipeline")
 
 FORMAT_VERSION = 1
 
@@ -156,3 +164,47 @@ class PositionStore:
             os.close(fd)
         os.replace(tmp, self.path)
         fsync_directory(self.dir)
+
+
+class Checkpointer:
+    """Saves committed positions after deliveries: at once after a quiet spell, then at most
+    once per ``interval_s``, the deliveries in between coalesced into one save."""
+
+    def __init__(
+        self,
+        store: PositionStore,
+        tracker: PositionTracker,
+        engine_seen_ns: Callable[[], int | None],
+        *,
+        interval_s: float = tuning.POSITIONS_SAVE_INTERVAL_S,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.store = store
+        self.tracker = tracker
+        self.engine_seen_ns = engine_seen_ns
+        self.interval_s = interval_s
+        self._sleep = sleep
+        self._dirty = asyncio.Event()
+        self.saves = 0
+
+    def mark(self) -> None:
+        self._dirty.set()
+
+    async def save_now(self) -> None:
+        self._dirty.clear()
+        snapshot = dict(self.tracker.committed)
+        seen_ns = self.engine_seen_ns()
+        await asyncio.to_thread(self.store.save, snapshot, time.time_ns(), seen_ns)
+        self.saves += 1
+
+    async def run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            try:
+                await self.save_now()
+            except OSError as exc:
+                checkpointer_log.error("can't save positions to %s: %s", self.store.path, exc)
+                await asyncio.sleep(tuning.POSITIONS_SAVE_RETRY_S)
+                self._dirty.set()
+                continue
+            await self._sleep(self.interval_s)

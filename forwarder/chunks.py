@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import base64
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NewType
 
-from forwarder.forward.protocol import encode_message
+from forwarder.forward.protocol import decode_entries, encode_message
 from forwarder.records import ContainerId, Position, RecordKind
 
 ChunkId = NewType("ChunkId", str)
@@ -27,20 +27,64 @@ def new_chunk_id() -> ChunkId:
 
 @dataclass(slots=True)
 class Chunk:
-    """A sealed chunk: its id and bytes never change, so a resend is identical."""
+    """A sealed chunk of one tag and one kind of record: its id and payload never change,
+    so a resend is identical.
 
-    seq: int
+    The payload may be on disk only (``loaded_payload is None``): the disk buffer keeps what
+    memory can't hold and reads it back when the chunk is due, so the output sees loaded
+    chunks only. ``size`` is the payload's length either way.
+
+    ``seq`` is the chunk's place in this run's sealing order, which is the order its
+    positions commit in. A chunk recovered from the disk buffer of an earlier run has none
+    (``seq is None``): that run committed its positions when the chunk became durable, so
+    delivering it now commits nothing. Nor does it know its ``kind``, which the disk buffer
+    does not keep (:func:`kind_of_payload` tells it).
+    """
+
     chunk_id: ChunkId
     tag: str
-    payload: bytes
     count: int
+    size: int
     positions: dict[ContainerId, Position] = field(default_factory=dict)
+    seq: int | None = None
+    kind: RecordKind | None = None
     stored: bool = False  # written to the disk buffer: durable, and released when delivered
-    kind: RecordKind | None = None  # None: read back from the disk buffer, which keeps no kind
+    loaded_payload: bytes | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(
+        cls,
+        chunk_id: ChunkId,
+        tag: str,
+        payload: bytes,
+        count: int,
+        positions: dict[ContainerId, Position] | None = None,
+        *,
+        seq: int | None = None,
+        kind: RecordKind | None = None,
+        stored: bool = False,
+    ) -> Chunk:
+        """A chunk with its payload loaded."""
+        return cls(chunk_id, tag, count, len(payload), positions or {}, seq, kind, stored, payload)
 
     @property
-    def size(self) -> int:
-        return len(self.payload)
+    def payload(self) -> bytes:
+        """The chunk's bytes, a PackedForward message; only for a loaded chunk."""
+        if self.loaded_payload is None:
+            raise RuntimeError(f"chunk {self.chunk_id}: its payload is on disk, not loaded")
+        return self.loaded_payload
+
+    @property
+    def is_loaded(self) -> bool:
+        return self.loaded_payload is not None
+
+    def with_payload(self, payload: bytes) -> Chunk:
+        """This chunk with its payload loaded (read back from disk)."""
+        return replace(self, loaded_payload=payload)
+
+    def without_payload(self) -> Chunk:
+        """This chunk with its payload left on disk only."""
+        return replace(self, loaded_payload=None)
 
 
 class Chunker:
@@ -122,7 +166,9 @@ class Chunker:
             chunk_id=chunk_id if self._require_ack else None,
             compress=self._compress,
         )
-        return Chunk(self._seq, chunk_id, tag, payload, current.count, current.positions, kind=kind)
+        return Chunk.of(
+            chunk_id, tag, payload, current.count, current.positions, seq=self._seq, kind=kind
+        )
 
 
 @dataclass(slots=True)
@@ -132,3 +178,20 @@ class _OpenChunk:
     size: int = 0
     count: int = 0
     positions: dict[ContainerId, Position] = field(default_factory=dict)
+
+
+def kind_of_payload(payload: bytes) -> RecordKind:
+    """The kind of a chunk read back from the disk buffer, which keeps no kind: told by its
+    first record's keys (the Chunker never mixes kinds in one chunk)."""
+    import msgpack
+
+    _tag, entries, options = msgpack.unpackb(payload, raw=False)
+    if options.get("compressed") == "gzip":
+        import gzip
+
+        entries = gzip.decompress(entries)
+    for _time, record in decode_entries(entries):
+        if "log" in record:
+            return "log"
+        return "lifecycle" if "action" in record else "stats"
+    return "log"

@@ -1,6 +1,6 @@
 """Wires the sources to the output and owns every task's lifecycle and the shutdown.
 
-discovery -> followers -> Collector (chunker) -> ChunkBuffer -> output -> delivered
+discovery -> followers -> ChunkAssembler -> ChunkBuffer -> output -> delivered
                                                                           |
                      positions file <-- PositionTracker <-----------------+
 """
@@ -9,224 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
+from forwarder.assembler import ChunkAssembler
 from forwarder.buffer import ChunkBuffer, open_store
-from forwarder.checkpoint import PositionStore, PositionTracker
-from forwarder.chunks import Chunk, Chunker
+from forwarder.checkpoint import Checkpointer, PositionStore, PositionTracker
+from forwarder.chunks import Chunk, kind_of_payload
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.docker.engine import Engine
-from forwarder.docker.follower import advance
 from forwarder.docker.logsource import EngineLogSource
 from forwarder.docker.stats_poller import StatsPoller
 from forwarder.forward.output import ForwardOutput
-from forwarder.forward.protocol import (
-    decode_entries,
-    encode_entries,
-    encode_log_entries,
-)
 from forwarder.forward.setup import handshake_factory
-from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RecordKind
+from forwarder.outputs import Output, StdoutOutput
+from forwarder.records import ContainerId, ContainerInfo, Position, RecordKind
 from forwarder.tags import compile_template
 from forwarder.timefmt import format_duration
 
 log = logging.getLogger(__name__)
-
-# When no entry arrived for this long, the input has gone quiet: flush at once rather than
-# let the last lines of a burst sit out a whole flush_interval. While the engine streams
-# a burst, reads follow each other far faster than this.
-QUIET_S = 0.02
-# Positions are saved at most this often (each save is two fsyncs); what was delivered since
-# the last save is what a crash sends again, on top of the chunks in flight.
-SAVE_INTERVAL_S = 0.1
-
-
-class Collector:
-    """The sink every source writes to: entries in, sealed chunks into the buffer."""
-
-    def __init__(self, config: Config, buffer: ChunkBuffer, tracker: PositionTracker) -> None:
-        out = config.output
-        self.config = config
-        self.buffer = buffer
-        self.tracker = tracker
-        self.chunker = Chunker(
-            chunk_limit=out.chunk_limit,
-            flush_interval_s=out.flush_interval.total_seconds(),
-            require_ack=out.require_ack or out.mode == "stdout",
-            compress=out.compress == "gzip",
-        )
-        self._log_tag = compile_template(config.tags.logs)
-        self._tags: dict[ContainerId, str] = {}
-        self._added = asyncio.Event()
-        self._clock = time.monotonic
-        self.records_in: dict[RecordKind, int] = {"log": 0, "stats": 0, "lifecycle": 0}
-
-    def log_tag(self, container: ContainerInfo) -> str:
-        tag = self._tags.get(container.cid)
-        if tag is None:
-            tag = self._tags[container.cid] = self._log_tag(container)
-        return tag
-
-    def forget(self, cid: ContainerId) -> None:
-        self._tags.pop(cid, None)
-
-    async def add_lines(
-        self, container: ContainerInfo, lines: list[LogLine], position: Position
-    ) -> None:
-        self.records_in["log"] += len(lines)
-        tag = self.log_tag(container)
-        for part, part_position in self._split(container, lines, position):
-            entries = encode_log_entries(container.id, container.name, part)
-            await self._add(tag, entries, len(part), (container.cid, part_position), "log")
-
-    def _split(
-        self, container: ContainerInfo, lines: list[LogLine], position: Position
-    ) -> list[tuple[list[LogLine], Position]]:
-        """Cut a batch (one engine read can hold a thousand lines) into parts that fit in a
-        chunk, each with the position it reaches. An inner part's count at its last
-        nanosecond ignores earlier parts, so it can only be lower: a resume from it repeats
-        a line rather than skipping one."""
-        limit = self.config.output.chunk_limit
-        overhead = 64 + len(container.id) + len(container.name)
-        if len(lines) * overhead + sum(len(line.text) for line in lines) <= limit:
-            return [(lines, position)]
-        parts: list[tuple[list[LogLine], Position]] = []
-        start, size = 0, 0
-        for index, line in enumerate(lines):
-            size += overhead + len(line.text)
-            if size > limit and index > start:
-                part = lines[start:index]
-                part_position = advance(None, part)
-                assert part_position is not None
-                parts.append((part, part_position))
-                start, size = index, overhead + len(line.text)
-        parts.append((lines[start:], position))
-        return parts
-
-    async def add_stats(self, tag: str, records: list[tuple[int, dict[str, Any]]]) -> None:
-        await self.add_records(tag, records, "stats")
-
-    async def add_records(
-        self, tag: str, records: list[tuple[int, dict[str, Any]]], kind: RecordKind
-    ) -> None:
-        self.records_in[kind] += len(records)
-        await self._add(tag, encode_entries(records), len(records), None, kind)
-
-    async def _add(
-        self,
-        tag: str,
-        entries: bytes,
-        count: int,
-        position: tuple[ContainerId, Position] | None,
-        kind: RecordKind,
-    ) -> None:
-        sealed = self.chunker.add(tag, entries, count, self._clock(), position, kind)
-        self._added.set()
-        await self._put(sealed)
-
-    async def _put(self, chunks: list[Chunk]) -> None:
-        # Register every chunk before the first await, so positions commit in sealing order.
-        for chunk in chunks:
-            self.tracker.sealed(chunk.seq, chunk.positions)
-        for chunk in chunks:
-            await self.buffer.put(chunk)
-
-    async def flush(self) -> None:
-        await self._put(self.chunker.flush_all())
-
-    async def run_flusher(self) -> None:
-        """Seal chunks when the input goes quiet, or when one has waited flush_interval."""
-        while True:
-            await self._added.wait()
-            while True:
-                self._added.clear()
-                deadline = self.chunker.next_deadline()
-                if deadline is None:
-                    break
-                wait = min(QUIET_S, max(0.0, deadline - self._clock()))
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._added.wait()
-                if not self._added.is_set():
-                    await self.flush()  # quiet
-                    break
-                await self._put(self.chunker.due(self._clock()))
-
-
-class Checkpointer:
-    """Saves committed positions after deliveries: at once after a quiet spell, then at most
-    once per ``interval_s``, the deliveries in between coalesced into one save."""
-
-    def __init__(
-        self,
-        store: PositionStore,
-        tracker: PositionTracker,
-        engine_seen_ns: Callable[[], int | None],
-        *,
-        interval_s: float = SAVE_INTERVAL_S,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self.store = store
-        self.tracker = tracker
-        self.engine_seen_ns = engine_seen_ns
-        self.interval_s = interval_s
-        self._sleep = sleep
-        self._dirty = asyncio.Event()
-        self.saves = 0
-
-    def mark(self) -> None:
-        self._dirty.set()
-
-    async def save_now(self) -> None:
-        self._dirty.clear()
-        snapshot = dict(self.tracker.committed)
-        seen_ns = self.engine_seen_ns()
-        await asyncio.to_thread(self.store.save, snapshot, time.time_ns(), seen_ns)
-        self.saves += 1
-
-    async def run(self) -> None:
-        while True:
-            await self._dirty.wait()
-            try:
-                await self.save_now()
-            except OSError as exc:
-                log.error("can't save positions to %s: %s", self.store.path, exc)
-                await asyncio.sleep(1)
-                self._dirty.set()
-                continue
-            await self._sleep(self.interval_s)
-
-
-class StdoutOutput:
-    """Prints each record as a JSON line: for trying forwarder out and for debugging."""
-
-    def __init__(self, buffer: ChunkBuffer, delivered: Callable[[Chunk], Any], stream: TextIO):
-        self.buffer = buffer
-        self.delivered = delivered
-        self.stream = stream
-
-    async def run(self) -> None:
-        import msgpack
-
-        while True:
-            chunk = await self.buffer.get()
-            tag, entries, options = msgpack.unpackb(chunk.payload, raw=False)
-            if options.get("compressed") == "gzip":
-                import gzip
-
-                entries = gzip.decompress(entries)
-            for time_, record in decode_entries(entries):
-                line = {"tag": tag, "time": f"{time_.seconds}.{time_.nanoseconds:09d}"}
-                line["record"] = record
-                self.stream.write(json.dumps(line, ensure_ascii=False) + "\n")
-            self.stream.flush()
-            await self.delivered(chunk)
 
 
 class Pipeline:
@@ -247,7 +51,7 @@ class Pipeline:
             drop_oldest=buffer_cfg.overflow == "drop_oldest",
             on_durable=self._durable,
         )
-        self.collector = Collector(config, self.buffer, self.tracker)
+        self.assembler = ChunkAssembler(config, self.buffer, self.tracker)
         self.checkpointer = Checkpointer(
             self.store,
             self.tracker,
@@ -264,25 +68,25 @@ class Pipeline:
                 self.engine,
                 interval_s=stats_interval_s,
                 tag=compile_template(config.tags.stats),
-                sink=self.collector.add_stats,
+                sink=self.assembler.add_stats,
             )
         self.discovery = Discovery(
             config=config,
             engine=self.engine,
             source=EngineLogSource(self.engine),
-            sink=self.collector.add_lines,
+            sink=self.assembler.add_lines,
             positions=dict(committed),
             first_start=self.first_start,
             last_run_ns=saved.engine_seen_ns,
             on_gone=self._on_gone,
-            lifecycle_sink=lambda tag, records: self.collector.add_records(
+            lifecycle_sink=lambda tag, records: self.assembler.add_records(
                 tag, records, "lifecycle"
             ),
             on_container=self._on_container,
             on_stopped=self._on_stopped,
             on_listed=self._on_listed,
         )
-        self.output: ForwardOutput | StdoutOutput
+        self.output: Output
         if config.output.mode == "stdout":
             self.output = StdoutOutput(self.buffer, self._delivered, stdout or sys.stdout)
         else:
@@ -300,14 +104,17 @@ class Pipeline:
 
     def _durable(self, chunk: Chunk) -> None:
         """The chunk is in the disk buffer: a restart replays it, so its positions commit."""
-        if self.tracker.delivered(chunk.seq):
+        self._commit(chunk)
+
+    def _commit(self, chunk: Chunk) -> None:
+        # A chunk recovered from an earlier run (no seq) had its positions committed there.
+        if chunk.seq is not None and self.tracker.delivered(chunk.seq):
             self.checkpointer.mark()
 
     async def _delivered(self, chunk: Chunk) -> None:
         self.chunks_delivered += 1
         self.delivered[chunk.kind or kind_of_payload(chunk.payload)] += chunk.count
-        if self.tracker.delivered(chunk.seq):
-            self.checkpointer.mark()
+        self._commit(chunk)
         self.buffer.recovered()
         await self.buffer.done(chunk)
         if self._forget_later:
@@ -315,7 +122,7 @@ class Pipeline:
 
     def _on_gone(self, cid: ContainerId) -> None:
         self._forget_later.add(cid)
-        self.collector.forget(cid)
+        self.assembler.forget(cid)
         self._forget_done()
 
     def _on_listed(self, from_now: dict[ContainerId, Position]) -> None:
@@ -335,7 +142,7 @@ class Pipeline:
 
     def status(self) -> dict[str, int | None]:
         """Counts for the SIGUSR1 status line (None: not known); the README explains each."""
-        read, delivered, buffer = self.collector.records_in, self.delivered, self.buffer
+        read, delivered, buffer = self.assembler.records_in, self.delivered, self.buffer
         return {
             "tasks": len(asyncio.all_tasks()),
             "followers": len(self.discovery.followers),
@@ -392,7 +199,7 @@ class Pipeline:
         await self.checkpointer.save_now()
         spawn = asyncio.create_task
         self._output_task = spawn(self.output.run(), name="output")
-        self._flusher_task = spawn(self.collector.run_flusher(), name="flusher")
+        self._flusher_task = spawn(self.assembler.run_flusher(), name="flusher")
         self._checkpoint_task = spawn(self.checkpointer.run(), name="checkpointer")
         self._discovery_task = spawn(self.discovery.run(), name="discovery")
         self._tasks = [
@@ -420,7 +227,7 @@ class Pipeline:
         delivered_all = all_on_disk = False
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                await self.collector.flush()
+                await self.assembler.flush()
                 delivered_all = await self.buffer.wait_safe()
                 all_on_disk = not delivered_all
         except TimeoutError:
@@ -456,23 +263,6 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def kind_of_payload(payload: bytes) -> RecordKind:
-    """The kind of a chunk read back from the disk buffer, which keeps no kind: told by its
-    first record's keys (the Chunker never mixes kinds in one chunk)."""
-    import msgpack
-
-    _tag, entries, options = msgpack.unpackb(payload, raw=False)
-    if options.get("compressed") == "gzip":
-        import gzip
-
-        entries = gzip.decompress(entries)
-    for _time, record in decode_entries(entries):
-        if "log" in record:
-            return "log"
-        return "lifecycle" if "action" in record else "stats"
-    return "log"
 
 
 def _ssl_context(config: Config) -> Any:

@@ -8,6 +8,7 @@ from typing import Any, Literal, TypeVar
 
 import uvloop
 
+from forwarder.chunks import Chunk
 from forwarder.records import ContainerId
 
 T = TypeVar("T")
@@ -44,6 +45,12 @@ async def until(done: Callable[[], bool], *, what: str, timeout_s: float = DEADL
         if loop.time() >= deadline:
             raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
         await asyncio.sleep(0.001)
+
+
+def seq_of(chunk: Chunk) -> int:
+    """A chunk's place in sealing order: every chunk a unit test seals has one."""
+    assert chunk.seq is not None
+    return chunk.seq
 
 
 def feed_all(feed: Callable[[bytes], object], *pieces: bytes) -> None:

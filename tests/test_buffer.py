@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.buffer import UNRECORDED_RELEASES, ChunkBuffer, open_store
+from forwarder.buffer import ChunkBuffer, open_store
 from forwarder.chunks import Chunk, new_chunk_id
 from forwarder.records import Position
 from forwarder.segments import SegmentStore
-from tests.helpers import CID, run, until
+from forwarder.tuning import UNRECORDED_RELEASES
+from tests.helpers import CID, run, seq_of, until
 
 
 def chunk(seq: int, size: int = 100) -> Chunk:
-    return Chunk(seq, new_chunk_id(), "t", bytes([seq % 256]) * size, 1, {CID: Position(seq, 1)})
+    payload = bytes([seq % 256]) * size
+    return Chunk.of(new_chunk_id(), "t", payload, 1, {CID: Position(seq, 1)}, seq=seq)
 
 
 async def settle() -> None:
@@ -57,7 +59,7 @@ def test_stall_spills_to_disk_and_commits_positions(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         store = open_store(tmp_path, 1 << 20)
-        buffer = ChunkBuffer(1 << 20, store=store, on_durable=lambda c: durable.append(c.seq))
+        buffer = ChunkBuffer(1 << 20, store=store, on_durable=lambda c: durable.append(seq_of(c)))
         await buffer.open()
         for seq in (1, 2, 3):
             await buffer.put(chunk(seq))
@@ -204,7 +206,7 @@ def test_always_mode_writes_every_chunk_before_it_is_sent(tmp_path: Path) -> Non
     async def scenario() -> None:
         store = open_store(tmp_path, 1 << 20)
         buffer = ChunkBuffer(
-            1 << 20, store=store, always_disk=True, on_durable=lambda c: durable.append(c.seq)
+            1 << 20, store=store, always_disk=True, on_durable=lambda c: durable.append(seq_of(c))
         )
         await buffer.open()
         await buffer.put(chunk(1))
@@ -302,3 +304,52 @@ def test_wait_safe_without_a_disk_waits_for_delivery() -> None:
         assert await waiter is True
 
     run(scenario())
+
+
+def test_a_chunk_from_an_earlier_run_has_no_place_in_sealing_order(tmp_path: Path) -> None:
+    """Read back from the last run's disk buffer, a chunk says so (``seq is None``): its
+    positions were committed by that run, and the disk keeps no kind."""
+
+    async def first_run() -> None:
+        buffer = ChunkBuffer(1 << 20, store=open_store(tmp_path, 1 << 20))
+        await buffer.open()
+        await buffer.put(chunk(7))
+        await buffer.stall(await buffer.get())
+        await buffer.close()
+
+    async def second_run() -> Chunk:
+        buffer = ChunkBuffer(1 << 20, store=open_store(tmp_path, 1 << 20))
+        await buffer.open()
+        got = await buffer.get()
+        await buffer.done(got)
+        await buffer.close()
+        return got
+
+    run(first_run())
+    got = run(second_run())
+    assert (got.seq, got.kind, got.stored) == (None, None, True)
+    assert got.payload == bytes([7]) * 100
+    assert got.positions == {CID: Position(7, 1)}
+
+
+def test_a_chunk_read_back_in_the_same_run_keeps_its_place(tmp_path: Path) -> None:
+    """A chunk whose payload memory could not keep is read back from disk when due: still
+    the same chunk, with its seq and kind."""
+
+    async def scenario() -> list[Chunk]:
+        buffer = ChunkBuffer(150, store=open_store(tmp_path, 1 << 20), always_disk=True)
+        await buffer.open()
+        first, second = chunk(1), chunk(2)
+        second.kind = "stats"
+        await buffer.put(first)
+        await buffer.put(second)  # no room in memory beside the first: on disk only
+        assert buffer.bytes_held == 100
+        got = [await buffer.get(), await buffer.get()]
+        await buffer.close()
+        return got
+
+    got = run(scenario())
+    assert [(c.seq, c.kind, c.payload) for c in got] == [
+        (1, None, bytes([1]) * 100),
+        (2, "stats", bytes([2]) * 100),
+    ]

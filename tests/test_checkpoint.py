@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.checkpoint import PositionStore, PositionTracker, SavedState
-from forwarder.pipeline import Checkpointer
+from forwarder.checkpoint import Checkpointer, PositionStore, PositionTracker, SavedState
 from forwarder.records import ContainerId, Position
 
 A, B = ContainerId("a" * 64), ContainerId("b" * 64)

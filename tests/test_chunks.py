@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 
 import msgpack
+import pytest
 
 from forwarder.chunks import Chunker, new_chunk_id
 from forwarder.records import ContainerId, Position
@@ -38,6 +39,8 @@ def test_chunker_groups_by_tag_and_seals_on_age() -> None:
     assert chunker.next_deadline() == 1.5
     (rest,) = chunker.flush_all()
     assert rest.tag == "b"
+    assert rest.seq is not None
+    assert sealed.seq is not None
     assert rest.seq > sealed.seq
 
 
@@ -84,3 +87,13 @@ def test_chunker_never_mixes_kinds_that_share_a_tag() -> None:
         ("stats", 1),
     ]
     assert {c.tag for c in chunks} == {"t"}
+
+
+def test_a_chunk_without_its_payload_refuses_to_give_it() -> None:
+    (sealed,) = make_chunker(limit=100).add("a", b"x" * 100, 1, now=0.0)
+    on_disk = sealed.without_payload()
+    assert not on_disk.is_loaded
+    assert on_disk.size == sealed.size
+    with pytest.raises(RuntimeError, match="not loaded"):
+        _ = on_disk.payload
+    assert on_disk.with_payload(sealed.payload) == sealed

@@ -81,9 +81,8 @@ _seq = iter(range(1, 1 << 30))
 def make_chunk(n: int) -> Chunk:
     chunk_id = new_chunk_id()
     entries = encode_entries([(time.time_ns(), {"n": n})])
-    return Chunk(
-        next(_seq), chunk_id, "test", encode_message("test", entries, 1, chunk_id=chunk_id), 1
-    )
+    payload = encode_message("test", entries, 1, chunk_id=chunk_id)
+    return Chunk.of(chunk_id, "test", payload, 1, seq=next(_seq))
 
 
 class Feeder:
@@ -92,7 +91,7 @@ class Feeder:
 
     def __init__(self) -> None:
         self.queue: collections.deque[Chunk] = collections.deque()
-        self.numbers: dict[int, int] = {}  # chunk seq -> record number
+        self.numbers: dict[int | None, int] = {}  # chunk seq -> record number
         self.available = asyncio.Event()
         self.changed = asyncio.Event()
         self.delivered: list[int] = []

@@ -24,7 +24,7 @@ from forwarder.forward.errors import (
     FailureKind,
 )
 from forwarder.forward.output import ForwardOutput
-from tests.helpers import run
+from tests.helpers import run, seq_of
 
 
 def output_config(*servers: dict[str, Any] | str, **output: Any) -> OutputConfig:
@@ -89,7 +89,7 @@ class ScriptedConnection:
 
     async def send(self, chunk: Chunk, *, expect_ack: bool) -> asyncio.Future[None]:
         del expect_ack  # the real signature's; the script decides the outcome
-        self.sent.append(chunk.seq)
+        self.sent.append(seq_of(chunk))
         outcome = self.script.pop(0) if len(self.script) > 1 else self.script[0]
         if isinstance(outcome, DeliveryError) and outcome.kind is not FailureKind.BROKEN:
             self.is_open = False
@@ -130,7 +130,7 @@ class ScriptedConnection:
 
 
 def chunk(seq: int) -> Chunk:
-    return Chunk(seq, ChunkId(f"id-{seq}"), "t", b"payload", 1)
+    return Chunk.of(ChunkId(f"id-{seq}"), "t", b"payload", 1, seq=seq)
 
 
 class Rig:
@@ -184,10 +184,10 @@ class Rig:
         return self.queue.popleft()
 
     async def _delivered(self, c: Chunk) -> None:
-        self.delivered.append(c.seq)
+        self.delivered.append(seq_of(c))
 
     async def _stalled(self, c: Chunk) -> None:
-        self.stalled.append(c.seq)
+        self.stalled.append(seq_of(c))
         self.queue.appendleft(c)
         self.available.set()
         self.time.advance(self.output.cfg.retry_max_wait.total_seconds())

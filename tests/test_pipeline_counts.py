@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from forwarder.chunks import kind_of_payload
 from forwarder.forward.protocol import encode_entries, encode_log_entries, encode_message
-from forwarder.pipeline import kind_of_payload
 from forwarder.records import LifecycleEvent, LogLine, StatsEvent
 from tests.helpers import CID
 

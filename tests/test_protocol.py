@@ -136,7 +136,7 @@ def state(conn: ClientConnection[Any]) -> ConnState:
 
 def chunk(chunk_id: str = "id-1") -> Chunk:
     payload = encode_message("t", b"", 0, chunk_id=ChunkId(chunk_id))
-    return Chunk(1, ChunkId(chunk_id), "t", payload, 0)
+    return Chunk.of(ChunkId(chunk_id), "t", payload, 0, seq=1)
 
 
 def test_ack_round_trip_fed_byte_by_byte() -> None:

@@ -11,53 +11,58 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from forwarder.chunks import ChunkId
+from forwarder.chunks import Chunk, ChunkId
 from forwarder.records import ContainerId, Position
 from forwarder.segments import (
     HEADER_BYTES,
     MAGIC,
     BufferFullError,
-    ChunkMeta,
     CorruptChunkError,
     Damage,
     SegmentStore,
-    StoredChunk,
 )
 from tests.helpers import CID
 
 BIG = 1 << 30
 
 
-def chunk(i: int, size: int = 200) -> StoredChunk:
+def chunk(i: int, size: int = 200) -> Chunk:
     payload = random.Random(i).randbytes(size)
     assert MAGIC not in payload  # keeps the damage tests' expectations exact
-    return StoredChunk(
+    return Chunk.of(
         ChunkId(f"chunk-{i:04d}"),
         "docker.web",
+        payload,
         i + 1,
         {CID: Position(1_000 + i, 1), ContainerId(f"{i:064x}"): Position(7, i)},
-        payload,
     )
 
 
-def meta_of(c: StoredChunk) -> ChunkMeta:
-    return ChunkMeta(c.chunk_id, c.tag, c.count, c.positions, len(c.payload))
+def stored(c: Chunk) -> Chunk:
+    """``c`` as the store gives it back: marked stored, its payload loaded."""
+    return replace(c, stored=True)
+
+
+def meta_of(c: Chunk) -> Chunk:
+    """``c`` as recovery gives it back: marked stored, its payload not loaded."""
+    return stored(c).without_payload()
 
 
 def open_store(
     directory: Path, *, max_bytes: int = BIG, **kwargs: int | bool
-) -> tuple[SegmentStore, list[ChunkMeta], list[Damage]]:
+) -> tuple[SegmentStore, list[Chunk], list[Damage]]:
     store = SegmentStore(directory, max_bytes=max_bytes, **kwargs)  # type: ignore[arg-type]
     metas, damage = store.recover()
     return store, metas, damage
 
 
-def ids(metas: list[ChunkMeta]) -> list[str]:
+def ids(metas: list[Chunk]) -> list[str]:
     return [m.chunk_id for m in metas]
 
 
@@ -73,12 +78,12 @@ def assert_accounts(store: SegmentStore, directory: Path) -> None:
     assert store.bytes_used == sum(p.stat().st_size for p in directory.glob("seg-*.fwd"))
 
 
-def record_size(c: StoredChunk) -> int:
+def record_size(c: Chunk) -> int:
     meta = msgpack.packb({"id": c.chunk_id, "tag": c.tag, "count": c.count, "pos": c.positions})
     return HEADER_BYTES + len(meta) + len(c.payload)
 
 
-def write_segment(directory: Path, chunks: list[StoredChunk]) -> tuple[Path, list[int]]:
+def write_segment(directory: Path, chunks: list[Chunk]) -> tuple[Path, list[int]]:
     """One segment holding ``chunks``; returns its path and each record's start offset."""
     store, _, _ = open_store(directory, fsync=False)
     starts = []
@@ -91,7 +96,7 @@ def write_segment(directory: Path, chunks: list[StoredChunk]) -> tuple[Path, lis
     return path, starts
 
 
-def recover_bytes(directory: Path, data: bytes) -> tuple[list[ChunkMeta], list[Damage], Path]:
+def recover_bytes(directory: Path, data: bytes) -> tuple[list[Chunk], list[Damage], Path]:
     directory.mkdir()
     path = directory / "seg-000000000001.fwd"
     path.write_bytes(data)
@@ -108,8 +113,8 @@ def test_round_trip(tmp_path: Path) -> None:
     assert (metas, damage) == ([], [])
     store.append(chunk(0))
     store.append(chunk(1, size=5000))
-    assert store.read(ChunkId("chunk-0000")) == chunk(0)
-    assert store.read(ChunkId("chunk-0001")) == chunk(1, size=5000)
+    assert store.read(ChunkId("chunk-0000")) == stored(chunk(0))
+    assert store.read(ChunkId("chunk-0001")) == stored(chunk(1, size=5000))
     assert store.live_chunks == 2
     assert_accounts(store, tmp_path)
     store.close()
@@ -117,7 +122,7 @@ def test_round_trip(tmp_path: Path) -> None:
     store, metas, damage = open_store(tmp_path)
     assert metas == [meta_of(chunk(0)), meta_of(chunk(1, size=5000))]
     assert damage == []
-    assert store.read(ChunkId("chunk-0001")) == chunk(1, size=5000)
+    assert store.read(ChunkId("chunk-0001")) == stored(chunk(1, size=5000))
     store.close()
 
 
@@ -150,7 +155,7 @@ def test_layout_matches_the_documented_format(tmp_path: Path) -> None:
     first = record(1, 1, meta, b"payload-1")
     data = first + newer + record(1, 2, msgpack.packb(["zz"]), b"")
     metas, damage, path = recover_bytes(tmp_path / "d", data)
-    assert metas == [ChunkMeta(ChunkId("x1"), "t", 3, {CID: Position(10, 2)}, 9)]
+    assert metas == [Chunk(ChunkId("x1"), "t", 3, 9, {CID: Position(10, 2)}, stored=True)]
     assert damage == [Damage(path, len(first), len(newer), "unsupported record version 2 kind 1")]
 
 
@@ -189,6 +194,34 @@ def test_release_deletes_fully_released_non_current_segments(tmp_path: Path) -> 
 
     store.close()  # nothing live: the last segment goes too
     assert segment_files(tmp_path) == []
+
+
+def test_a_release_on_the_event_loop_leaves_the_deletion_to_a_blocking_call(
+    tmp_path: Path,
+) -> None:
+    """With ``collect=False`` (the buffer's calls, on the event loop) a release or a drop
+    unlinks nothing; the next blocking call deletes first, so that no release record is
+    written for a segment that is gone."""
+    size = record_size(chunk(0))
+    store, _, _ = open_store(tmp_path, segment_bytes=2 * size)
+    for i in range(6):
+        store.append(chunk(i))
+    seg1, seg2, seg3 = segment_files(tmp_path)
+
+    assert store.release(ChunkId("chunk-0000"), collect=False)
+    assert store.release(ChunkId("chunk-0001"), collect=False)
+    assert segment_files(tmp_path) == [seg1, seg2, seg3]
+    store.persist_releases()
+    assert segment_files(tmp_path) == [seg2, seg3]
+    assert store.bytes_used == 4 * size  # no release record: its segment went first
+
+    assert store.drop_oldest(collect=False) == meta_of(chunk(2))
+    assert store.drop_oldest(collect=False) == meta_of(chunk(3))
+    assert segment_files(tmp_path) == [seg2, seg3]
+    store.append(chunk(6))
+    assert segment_files(tmp_path)[:1] == [seg3]
+    assert_accounts(store, tmp_path)
+    store.close()
 
 
 def test_segment_holding_release_records_outlives_the_segment_they_name(tmp_path: Path) -> None:
@@ -328,7 +361,7 @@ def test_damaged_body_is_skipped_by_its_length_not_searched(tmp_path: Path) -> N
     # A payload can hold anything, even our own records (forwarder shipping a buffer file):
     # with a sound header, the scan must not resync into the payload.
     inner, _ = write_segment(tmp_path / "inner", [chunk(9)])
-    outer = StoredChunk(ChunkId("outer"), "t", 1, {}, b"x" * 50 + inner.read_bytes())
+    outer = Chunk.of(ChunkId("outer"), "t", b"x" * 50 + inner.read_bytes(), 1)
     store, _, _ = open_store(tmp_path / "src", fsync=False)
     store.append_many([chunk(0), outer, chunk(2)])
     store.close()
@@ -373,7 +406,7 @@ def test_read_rechecks_the_record(tmp_path: Path) -> None:
         store.read(ChunkId("chunk-0000"))
     assert caught.value.damage == Damage(path, 0, record_size(chunk(0)), "CRC mismatch")
     assert store.live_chunks == 1  # released: it can never be delivered
-    assert store.read(ChunkId("chunk-0001")) == chunk(1)
+    assert store.read(ChunkId("chunk-0001")) == stored(chunk(1))
     store.close()
 
 

@@ -4,7 +4,7 @@ runs the handshake and keeps the chunks awaiting their acks.
 
 A connection is made in three steps, all within ``connect_timeout``: TCP, then TLS for
 ``tls://`` servers, then the handshake when ``shared_key`` is set. Then chunks are written
-and their acks awaited, up to ``CHUNKS_IN_FLIGHT`` at once (pipelined: a server reads them
+and their acks awaited, up to ``tuning.CHUNKS_IN_FLIGHT`` at once (pipelined: a server reads them
 in order).
 """
 
@@ -19,6 +19,7 @@ import ssl
 from collections.abc import Callable
 from typing import cast
 
+from forwarder import tuning
 from forwarder.config import Endpoint
 from forwarder.forward import tls
 from forwarder.forward.errors import (
@@ -44,15 +45,6 @@ from forwarder.forward.protocol import (
 # The name the output's lines carry in the log, as before forward/ was split into modules:
 # users read it and filter on it.
 log = logging.getLogger("forwarder.forward.client")
-
-# How long closing a connection may wait for the transport to finish before aborting it.
-CLOSE_TIMEOUT_S = 1.0
-# Chunks that may await their acks at once on one connection (pipelined, in order). With one
-# chunk in flight, a link's round trip caps the output at chunk_limit per RTT; with 4, the
-# next chunks travel while the server works. bench/bench_output.py, 1 MiB chunks, MB/s for
-# 1 / 4 in flight: RTT 2 ms 199 / 621, 10 ms 69 / 243, 50 ms 18 / 67 (74k / 284k lines/s).
-# On loopback (bench/bench_pipeline.py) both are ~120k lines/s: reading is the limit there.
-CHUNKS_IN_FLIGHT = 4
 
 HandshakeFactory = Callable[[], ClientHandshake]
 AckFuture = asyncio.Future[None]
@@ -206,7 +198,7 @@ class _Stream(asyncio.Protocol):
             return
         transport.close()
         try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            async with asyncio.timeout(tuning.CONNECTION_CLOSE_TIMEOUT_S):
                 await asyncio.shield(self._closed)
         except TimeoutError:
             transport.abort()
@@ -275,7 +267,7 @@ class ForwardConnection:
     @property
     def window(self) -> int:
         """How many chunks may await their acks at once on this connection."""
-        return CHUNKS_IN_FLIGHT if self.keepalive else 1
+        return tuning.CHUNKS_IN_FLIGHT if self.keepalive else 1
 
     async def connect(self) -> None:
         await self.aclose()

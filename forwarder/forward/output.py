@@ -164,7 +164,7 @@ class ForwardOutput:
             for server in cfg.servers
         ]
         # Every chunk taken and not yet delivered or handed back, with the order it was
-        # taken in (chunks read back from the disk buffer all have seq 0: seq can't tell).
+        # taken in (chunks recovered from the disk buffer have no seq: seq can't tell).
         self._held: dict[ChunkId, tuple[int, Chunk]] = {}
         self._taken = 0
         self._retry: dict[ChunkId, Chunk] = {}  # failed in flight: sent again first

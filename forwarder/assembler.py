@@ -1,0 +1,145 @@
+"""The chunk assembler: the sink every source writes to. Entries in, sealed chunks into the
+buffer, each registered with the position tracker in the order it was sealed.
+
+A batch of log lines larger than ``chunk_limit`` is cut into parts that fit in a chunk, each
+with the position it reaches. The :class:`~forwarder.chunks.Chunker` seals a chunk when it is
+full or has waited ``flush_interval``; the flusher here also seals as soon as the input goes
+quiet (``QUIET_S``, :mod:`forwarder.tuning`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from forwarder import tuning
+from forwarder.buffer import ChunkBuffer
+from forwarder.checkpoint import PositionTracker
+from forwarder.chunks import Chunk, Chunker
+from forwarder.config import Config
+from forwarder.docker.follower import advance
+from forwarder.forward.protocol import encode_entries, encode_log_entries
+from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RecordKind
+from forwarder.tags import compile_template
+
+ENTRY_OVERHEAD_BYTES = 64
+"""About what one log entry takes besides its text, its container's id and its name, as
+:func:`~forwarder.forward.protocol.encode_log_entries` encodes it (the time, the map and its
+keys, the stream, the strings' headers: 62 to 66 bytes): the estimate that cuts a batch into
+parts that fit in a chunk."""
+
+
+class ChunkAssembler:
+    """The sink every source writes to: entries in, sealed chunks into the buffer."""
+
+    def __init__(self, config: Config, buffer: ChunkBuffer, tracker: PositionTracker) -> None:
+        out = config.output
+        self.config = config
+        self.buffer = buffer
+        self.tracker = tracker
+        self.chunker = Chunker(
+            chunk_limit=out.chunk_limit,
+            flush_interval_s=out.flush_interval.total_seconds(),
+            require_ack=out.require_ack or out.mode == "stdout",
+            compress=out.compress == "gzip",
+        )
+        self._log_tag = compile_template(config.tags.logs)
+        self._tags: dict[ContainerId, str] = {}
+        self._added = asyncio.Event()
+        self._clock = time.monotonic
+        self.records_in: dict[RecordKind, int] = {"log": 0, "stats": 0, "lifecycle": 0}
+
+    def log_tag(self, container: ContainerInfo) -> str:
+        tag = self._tags.get(container.cid)
+        if tag is None:
+            tag = self._tags[container.cid] = self._log_tag(container)
+        return tag
+
+    def forget(self, cid: ContainerId) -> None:
+        self._tags.pop(cid, None)
+
+    async def add_lines(
+        self, container: ContainerInfo, lines: list[LogLine], position: Position
+    ) -> None:
+        self.records_in["log"] += len(lines)
+        tag = self.log_tag(container)
+        limit = self.config.output.chunk_limit
+        for part, part_position in split_batch(container, lines, position, limit):
+            entries = encode_log_entries(container.id, container.name, part)
+            await self._add(tag, entries, len(part), (container.cid, part_position), "log")
+
+    async def add_stats(self, tag: str, records: list[tuple[int, dict[str, Any]]]) -> None:
+        await self.add_records(tag, records, "stats")
+
+    async def add_records(
+        self, tag: str, records: list[tuple[int, dict[str, Any]]], kind: RecordKind
+    ) -> None:
+        self.records_in[kind] += len(records)
+        await self._add(tag, encode_entries(records), len(records), None, kind)
+
+    async def _add(
+        self,
+        tag: str,
+        entries: bytes,
+        count: int,
+        position: tuple[ContainerId, Position] | None,
+        kind: RecordKind,
+    ) -> None:
+        sealed = self.chunker.add(tag, entries, count, self._clock(), position, kind)
+        self._added.set()
+        await self._put(sealed)
+
+    async def _put(self, chunks: list[Chunk]) -> None:
+        # Register every chunk before the first await, so positions commit in sealing order.
+        for chunk in chunks:
+            assert chunk.seq is not None  # sealed in this run
+            self.tracker.sealed(chunk.seq, chunk.positions)
+        for chunk in chunks:
+            await self.buffer.put(chunk)
+
+    async def flush(self) -> None:
+        await self._put(self.chunker.flush_all())
+
+    async def run_flusher(self) -> None:
+        """Seal chunks when the input goes quiet, or when one has waited flush_interval."""
+        while True:
+            await self._added.wait()
+            while True:
+                self._added.clear()
+                deadline = self.chunker.next_deadline()
+                if deadline is None:
+                    break
+                wait = min(tuning.QUIET_S, max(0.0, deadline - self._clock()))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._added.wait()
+                if not self._added.is_set():
+                    await self.flush()  # quiet
+                    break
+                await self._put(self.chunker.due(self._clock()))
+
+
+def split_batch(
+    container: ContainerInfo, lines: list[LogLine], position: Position, limit: int
+) -> list[tuple[list[LogLine], Position]]:
+    """Cut a batch (one engine read can hold a thousand lines) into parts that fit in a
+    chunk of ``limit`` bytes, each with the position it reaches. An inner part's count at
+    its last nanosecond ignores earlier parts, so it can only be lower: a resume from it
+    repeats a line rather than skipping one."""
+    overhead = ENTRY_OVERHEAD_BYTES + len(container.id) + len(container.name)
+    if len(lines) * overhead + sum(len(line.text) for line in lines) <= limit:
+        return [(lines, position)]
+    parts: list[tuple[list[LogLine], Position]] = []
+    start, size = 0, 0
+    for index, line in enumerate(lines):
+        size += overhead + len(line.text)
+        if size > limit and index > start:
+            part = lines[start:index]
+            part_position = advance(None, part)
+            assert part_position is not None
+            parts.append((part, part_position))
+            start, size = index, overhead + len(line.text)
+    parts.append((lines[start:], position))
+    return parts

@@ -1,0 +1,101 @@
+"""The chunk assembler: a batch bigger than a chunk is cut into parts, each with the position
+it reaches, and the chunks are registered in the order they were sealed."""
+
+from __future__ import annotations
+
+from forwarder.assembler import ENTRY_OVERHEAD_BYTES, ChunkAssembler, split_batch
+from forwarder.buffer import ChunkBuffer
+from forwarder.checkpoint import PositionTracker
+from forwarder.config import config_from_dict
+from forwarder.records import ContainerInfo, LogLine, Position
+from tests.helpers import CID, run
+
+CONTAINER = ContainerInfo(id=CID, name="/web")
+# What a line of n characters counts for in the split's estimate.
+PER_LINE = ENTRY_OVERHEAD_BYTES + len(CONTAINER.id) + len(CONTAINER.name)
+
+
+def lines(*stamps: int, size: int = 10) -> list[LogLine]:
+    return [LogLine("stdout", ts, f"{i:0{size}d}") for i, ts in enumerate(stamps)]
+
+
+def cost(part: list[LogLine]) -> int:
+    return sum(PER_LINE + len(line.text) for line in part)
+
+
+def test_a_batch_that_fits_is_one_part_with_the_batch_position() -> None:
+    batch = lines(1, 2, 3)
+    position = Position(3, 1)
+    assert split_batch(CONTAINER, batch, position, cost(batch)) == [(batch, position)]
+
+
+def test_a_batch_one_byte_over_the_limit_is_cut_in_two() -> None:
+    batch = lines(1, 2, 3)
+    parts = split_batch(CONTAINER, batch, Position(3, 1), cost(batch) - 1)
+    assert parts == [(batch[:2], Position(2, 1)), (batch[2:], Position(3, 1))]
+
+
+def test_a_part_may_fill_the_limit_exactly() -> None:
+    batch = lines(1, 2, 3, 4, 5)
+    limit = cost(batch[:2])  # two lines fill a part to the byte; the third starts the next
+    parts = split_batch(CONTAINER, batch, Position(5, 1), limit)
+    assert [part for part, _ in parts] == [batch[0:2], batch[2:4], batch[4:]]
+    assert [position for _, position in parts] == [Position(2, 1), Position(4, 1), Position(5, 1)]
+    assert all(cost(part) <= limit for part, _ in parts)
+
+
+def test_every_line_lands_in_exactly_one_part_in_order() -> None:
+    batch = lines(*range(1, 101), size=37)
+    limit = 1000
+    parts = split_batch(CONTAINER, batch, Position(100, 1), limit)
+    assert len(parts) > 1
+    assert [line for part, _ in parts for line in part] == batch
+    assert all(part and cost(part) <= limit for part, _ in parts)
+
+
+def test_the_last_part_carries_the_batch_position_and_inner_parts_their_own() -> None:
+    """The batch's position counts lines the follower took before this batch at the same
+    nanosecond; only the last part may carry it. An inner part's count at its last
+    nanosecond counts only its own lines, so a resume from it repeats a line, never skips."""
+    batch = lines(7, 7, 7, 7, 9)
+    given = Position(9, 1)
+    parts = split_batch(CONTAINER, batch, given, cost(batch[:2]))
+    # The second part's position is (7, 2), its own two lines, not (7, 4).
+    assert parts == [(batch[0:2], Position(7, 2)), (batch[2:4], Position(7, 2)), (batch[4:], given)]
+
+
+def test_a_line_bigger_than_the_limit_is_a_part_of_its_own() -> None:
+    batch = [*lines(1, 2), LogLine("stdout", 3, "x" * 500), *lines(4)]
+    parts = split_batch(CONTAINER, batch, Position(4, 1), 300)
+    assert [part for part, _ in parts] == [batch[0:2], batch[2:3], batch[3:]]
+    assert [position for _, position in parts] == [Position(2, 1), Position(3, 1), Position(4, 1)]
+
+
+def test_a_big_batch_is_sealed_into_chunks_that_commit_in_order() -> None:
+    """Through the assembler: each part's position rides its own chunk, and as the chunks
+    are delivered in sealing order the committed position walks the batch to its end."""
+    config = config_from_dict(
+        {"output": {"servers": ["tcp://127.0.0.1:24224"], "chunk_limit": "1KiB"}}, env={}
+    )
+    batch = lines(*range(1, 41), size=30)
+    limit = config.output.chunk_limit
+    parts = split_batch(CONTAINER, batch, Position(40, 1), limit)
+
+    async def scenario() -> list[Position | None]:
+        tracker = PositionTracker()
+        buffer = ChunkBuffer(1 << 20)
+        assembler = ChunkAssembler(config, buffer, tracker)
+        await assembler.add_lines(CONTAINER, batch, Position(40, 1))
+        await assembler.flush()
+        committed = []
+        while buffer.queued:
+            chunk = await buffer.get()
+            assert chunk.seq is not None
+            tracker.delivered(chunk.seq)
+            await buffer.done(chunk)
+            committed.append(tracker.committed.get(CID))
+        assert assembler.records_in["log"] == len(batch)
+        return committed
+
+    assert len(parts) > 2
+    assert run(scenario()) == [position for _, position in parts]
