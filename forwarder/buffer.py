@@ -67,6 +67,9 @@ class ChunkBuffer:
         self._changed = asyncio.Condition()
         self._pending: list[tuple[Chunk, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
+        # The append the writer is in: shielded, so that a shutdown waits for it to finish
+        # (and commit its positions) rather than cancel it half done.
+        self._step: asyncio.Future[bool] | None = None
         self._releases = 0  # deliveries so far: each may free disk room
         self._unrecorded = 0  # disk chunks released, their release record not written yet
         self._recorder: asyncio.Task[None] | None = None
@@ -170,19 +173,38 @@ class ChunkBuffer:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                if await self._try_append([chunk for chunk, _ in batch]):
-                    await self._written(batch)
+                if await self._append_step(batch):
                     continue
                 # Not all fit: one by one, so that a full disk holds back only what doesn't
                 # fit, and what is written can be sent (and free room) meanwhile.
                 for item in batch:
-                    while not await self._try_append([item[0]]):
+                    while not await self._append_step([item]):
                         await self._make_room()
-                    await self._written([item])
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
+
+    async def _append_step(self, batch: list[tuple[Chunk, asyncio.Future[None]]]) -> bool:
+        """Append a batch and queue it on disk, as one step that a cancellation of the writer
+        does not cut in two: the thread's write can't be called back, so the chunks it wrote
+        must also be queued and their positions committed, or a restart sends them twice."""
+
+        async def step() -> bool:
+            if not await self._try_append([chunk for chunk, _ in batch]):
+                return False
+            await self._written(batch)
+            return True
+
+        self._step = current = asyncio.ensure_future(step())
+        try:
+            done = await asyncio.shield(current)
+        finally:
+            if current.done() and self._step is current:
+                self._step = None
+        async with self._changed:
+            self._changed.notify_all()  # wait_safe() looks at _step
+        return done
 
     async def _written(self, batch: list[tuple[Chunk, asyncio.Future[None]]]) -> None:
         async with self._changed:
@@ -351,7 +373,7 @@ class ChunkBuffer:
     def _all_on_disk(self) -> bool:
         """No server took a chunk since the last stall, and everything queued is durable on
         disk (the output holds nothing while it waits for a server): a restart replays it."""
-        return self._stalled and not self._memory and not self._pending
+        return self._stalled and not self._memory and not self._pending and self._step is None
 
     async def _record_releases(self) -> None:
         """Writes release records while there are releases to write: each write takes all
@@ -395,6 +417,10 @@ class ChunkBuffer:
             return 0
         if self._writer is not None:
             self._writer.cancel()
+        if self._step is not None:
+            # An append under way finishes (its chunks queued, their positions committed).
+            await asyncio.gather(self._step, return_exceptions=True)
+            self._step = None
         if self._recorder is not None:
             self._recorder.cancel()  # the store's close writes what is left
         spill = [c for c in [*self._memory, *(c for c, _ in self._pending)] if not c.stored]

@@ -353,3 +353,46 @@ def test_a_chunk_read_back_in_the_same_run_keeps_its_place(tmp_path: Path) -> No
         (1, None, bytes([1]) * 100),
         (2, "stats", bytes([2]) * 100),
     ]
+
+
+def test_shutdown_during_a_disk_write_lets_it_finish_and_commit(tmp_path: Path) -> None:
+    """A shutdown that comes while a chunk is being written must neither call it all on disk
+    too early nor cut the write from its commit: the thread's write can't be called back, so
+    a chunk it wrote without its positions committed would be sent twice after a restart."""
+
+    async def scenario() -> None:
+        store = open_store(tmp_path, 1 << 20)
+        slow, entered, gate = threading.Event(), threading.Event(), threading.Event()
+        append = store.append_many
+
+        def slow_append(chunks: list[Chunk]) -> None:
+            if slow.is_set():
+                entered.set()
+                gate.wait(5)
+            append(chunks)
+
+        store.append_many = slow_append  # type: ignore[method-assign]
+        durable: list[int | None] = []
+        buffer = ChunkBuffer(1 << 20, store=store, on_durable=lambda c: durable.append(c.seq))
+        await buffer.open()
+        await buffer.put(chunk(1))
+        await buffer.stall(await buffer.get())  # no server: to disk, written at once
+        slow.set()
+        putting = asyncio.create_task(buffer.put(chunk(2)))  # to disk while stalled
+        await until(entered.is_set, what="chunk 2's write to start")
+        safe = asyncio.create_task(buffer.wait_safe())
+        await settle()
+        assert not safe.done()  # chunk 2 is on its way to disk, not there yet
+        closing = asyncio.create_task(buffer.close())
+        await settle()
+        gate.set()
+        assert await closing == 0  # nothing left to spill: the write finished
+        assert sorted(s for s in durable if s is not None) == [1, 2]
+        putting.cancel()
+        safe.cancel()
+        reopened = ChunkBuffer(1 << 20, store=open_store(tmp_path, 1 << 20))
+        await reopened.open()
+        assert reopened.disk_chunks == 2  # each once
+        await reopened.close()
+
+    run(scenario())
