@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -365,7 +366,7 @@ def test_shutdown_during_a_disk_write_lets_it_finish_and_commit(tmp_path: Path) 
         slow, entered, gate = threading.Event(), threading.Event(), threading.Event()
         append = store.append_many
 
-        def slow_append(chunks: list[Chunk]) -> None:
+        def slow_append(chunks: Sequence[Chunk]) -> None:
             if slow.is_set():
                 entered.set()
                 gate.wait(5)
