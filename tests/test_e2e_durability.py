@@ -390,6 +390,12 @@ def test_sigterm_with_no_server_exits_once_everything_is_on_disk(
     collector.start()
     records = forward_receiver.wait_for(all_arrived(cid, "d300"), 30)
     assert {f"d{i}" for i in range(1, 301)} <= set(texts(list(received(records, cid))))
+    # The disk buffer's chunks go out at once, maybe before the engine is listed: wait for it.
+    wait_until(
+        lambda: "following from" in collector.log(),
+        timeout=30,
+        what="the collector to follow the container again",
+    )
     (following,) = [line for line in collector.log().splitlines() if "following from" in line]
     assert re.search(r"following from \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{9})?Z$", following)
 
