@@ -1,10 +1,12 @@
 """Raw engine read vs. forwarder shipping, for one container's 300,000 lines of ~110 bytes.
 
-    python bench/bench_pipeline.py [--lines 300000] [--compress gzip]
+    python bench/bench_pipeline.py [--lines 300000] [--compress gzip] [--listener off,on]
 
 Prints lines/s for (1) the engine's logs API read of the whole log, by a minimal client
 that only reads the body, and (2) `forwarder run` shipping the same log to a counting
-Forward receiver (acks on), with their ratio and the collector's peak RSS. Figures, not
+Forward receiver (acks on), with their ratio and the collector's peak RSS and CPU. With
+``--listener off,on`` each buffer mode runs with ``[service] http_listen`` off, then on with
+a Prometheus-style scrape of /metrics every second, for the listener's CPU cost. Figures, not
 pass/fail. Uses $DOCKER_HOST when it answers, else starts a private dockerd.
 """
 
@@ -13,10 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,8 +82,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def ship(engine: Engine, args: argparse.Namespace, mode: str, raw_s: float) -> None:
+def scrape_every_second(address: str, stop: threading.Event) -> list[int]:
+    """GET /metrics once a second until ``stop``; the sizes of the answers."""
+    sizes: list[int] = []
+    while not stop.wait(1.0):
+        try:
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+                sizes.append(len(response.read()))
+        except OSError:
+            sizes.append(-1)
+    return sizes
+
+
+def free_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def ship(
+    engine: Engine, args: argparse.Namespace, mode: str, raw_s: float, listener: str = "off"
+) -> None:
     """Run `forwarder run` on the container's log to a counting receiver; print figures."""
+    address = free_address() if listener == "on" else ""
+    stop = threading.Event()
+    sizes: list[int] = []
+    scraper = threading.Thread(
+        target=lambda: sizes.extend(scrape_every_second(address, stop)), daemon=True
+    )
     with tempfile.TemporaryDirectory() as tmp, CountingReceiver() as receiver:
         config = write_config(
             Path(tmp) / "bench.toml",
@@ -92,20 +123,28 @@ def ship(engine: Engine, args: argparse.Namespace, mode: str, raw_s: float) -> N
                 "state": {"dir": str(Path(tmp) / "state")},
                 "stats": {"interval": "0s"},
                 "buffer": {"mode": mode},
+                "service": {"http_listen": address},
             },
         )
         collector = CollectorProcess(config, collector_env(engine.env), Path(tmp))
         started = time.perf_counter()
         collector.start()
+        if address:
+            scraper.start()
         receiver.wait_for(args.lines, timeout=600)
         elapsed = time.perf_counter() - started
+        stop.set()
+        if address:
+            scraper.join()
         first = receiver.first_message_at or 0.0
         last = receiver.last_message_at or 0.0
         rss = peak_rss_kib(collector.pid)
         cpu = cpu_seconds(collector.pid)
         collector.stop()
+    scrapes = f", {len(sizes)} scrapes of ~{max(sizes, default=0)} bytes" if address else ""
     print(
-        f"forwarder [{mode:>6}]: {args.lines / elapsed:>10,.0f} lines/s "
+        f"forwarder [{mode:>6}, listener {listener}{scrapes}]: "
+        f"{args.lines / elapsed:>10,.0f} lines/s "
         f"({elapsed:.2f}s from process start; {last - first:.2f}s first to last chunk; "
         f"{receiver.messages} chunks, {receiver.bytes_received / 1e6:,.1f} MB sent)"
     )
@@ -126,6 +165,12 @@ def main() -> None:
         default="spill",
         help="[buffer] modes to run, comma-separated: spill, always (every chunk written to "
         "the disk buffer before it is sent), memory",
+    )
+    parser.add_argument(
+        "--listener",
+        default="off",
+        help="[service] http_listen settings to run, comma-separated: off, on (scraped "
+        "every second)",
     )
     args = parser.parse_args()
 
@@ -149,7 +194,8 @@ def main() -> None:
         )
 
         for mode in args.buffer_modes.split(","):
-            ship(engine, args, mode, raw_s)
+            for listener in args.listener.split(","):
+                ship(engine, args, mode, raw_s, listener)
     finally:
         engine.remove_test_containers(everything=engine.is_private)
         engine.close()

@@ -67,24 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = args.config or "built-in defaults"
         print(f"forwarder: {where}: ok")
         return EXIT_OK
-    return run(config)
+    return run(config, args.config)
 
 
 def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+def run(config: Config, path: Path | None = None) -> int:
+    from forwarder.logformat import setup_logging
 
-
-def run(config: Config) -> int:
-    _setup_logging(config.service.log_level)
+    setup_logging(config.service.log_level, config.service.log_format)
     runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
@@ -93,12 +86,12 @@ def run(config: Config) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency, but optional in spirit
         runner = asyncio.run
     try:
-        return runner(_run(config))
+        return runner(_run(config, path))
     except KeyboardInterrupt:
         return EXIT_OK
 
 
-async def _run(config: Config) -> int:
+async def _run(config: Config, path: Path | None = None) -> int:
     from forwarder.pipeline import Pipeline
 
     try:
@@ -115,6 +108,8 @@ async def _run(config: Config) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, _log_status, pipeline)
+    service = _Service(pipeline, path)
+    loop.add_signal_handler(signal.SIGHUP, service.on_sighup)
     log.info(
         "forwarder %s running: engine %s, output %s",
         __version__,
@@ -136,6 +131,7 @@ async def _run(config: Config) -> int:
         )
     waiter.cancel()
     stopper.cancel()
+    await service.aclose()
     all_sent = await pipeline.shutdown(config.service.shutdown_timeout.total_seconds())
     log.info(
         "stopped: delivered %s%s",
@@ -143,6 +139,47 @@ async def _run(config: Config) -> int:
         "" if all_sent else "; the rest follows on the next start",
     )
     return EXIT_FAILED if failed else EXIT_OK
+
+
+class _Service:
+    """The HTTP listener and reloads (SIGHUP or POST /-/reload), one at a time."""
+
+    def __init__(self, pipeline: Pipeline, path: Path | None) -> None:
+        from forwarder.listener import Listener
+
+        self.pipeline = pipeline
+        self.path = path
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        address = pipeline.config.service.http_listen
+        self.listener = Listener(address, pipeline, self.reload) if address else None
+        if self.listener is not None:
+            self._spawn(self.listener.run(), "http listener")
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Shipping goes on without it; liveness does not depend on it either.
+            log.error("%s failed", task.get_name(), exc_info=task.exception())
+
+    async def reload(self) -> tuple[bool, str]:
+        from forwarder.reload import reload
+
+        async with self._lock:
+            return await reload(self.pipeline, self.path)
+
+    def on_sighup(self) -> None:
+        self._spawn(self.reload(), "reload")
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _log_status(pipeline: Pipeline) -> None:

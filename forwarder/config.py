@@ -539,6 +539,23 @@ class BufferConfig(_Section):
     )
 
 
+def _check_listen(value: str) -> str:
+    if value == "":
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError('must be "host:port" (port 1 to 65535), or "" for off')
+    if host.startswith("[") != host.endswith("]"):
+        raise ValueError("an IPv6 host goes in brackets: [::1]:24231")
+    return value
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """``"host:port"`` -> (host, port); an empty or ``[::]`` host is taken as is."""
+    host, _, port = value.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
 class ServiceConfig(_Section):
     shutdown_timeout: Annotated[Duration, _bounds("0s", "1h")] = Field(
         default=_duration_default("10s"),
@@ -546,6 +563,18 @@ class ServiceConfig(_Section):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="The collector's own log level (to stderr)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description='The collector\'s own log lines: "text" for people; "json", one object '
+        "per line (time, level, logger, message, and fields such as container, server, "
+        "reason), for an aggregator to parse.",
+    )
+    http_listen: Annotated[str, AfterValidator(_check_listen)] = Field(
+        default="127.0.0.1:24231",
+        description="host:port of the HTTP listener serving /metrics (Prometheus), /healthz, "
+        '/readyz and POST /-/reload; "" turns it off. Taken by another process: logged, '
+        "and tried again every few seconds; shipping goes on meanwhile.",
     )
 
 

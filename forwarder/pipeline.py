@@ -90,17 +90,14 @@ class Pipeline:
         if config.output.mode == "stdout":
             self.output = StdoutOutput(self.buffer, self._delivered, stdout or sys.stdout)
         else:
-            self.output = ForwardOutput(
-                config.output,
-                get_chunk=self.buffer.get,
-                delivered=self._delivered,
-                stalled=self.buffer.stall,
-                ssl_context=_ssl_context(config),
-                handshake_factory=handshake_factory(config.output),
-            )
+            self.output = self.forward_output(config)
         self.chunks_delivered = 0
         self.delivered: dict[RecordKind, int] = {"log": 0, "stats": 0, "lifecycle": 0}
+        # The newest log record delivered (engine time), and how far behind it was then.
+        self.newest_delivered_ns = 0
+        self.delivery_lag_s: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._tasks_changed = asyncio.Event()
 
     def _durable(self, chunk: Chunk) -> None:
         """The chunk is in the disk buffer: a restart replays it, so its positions commit."""
@@ -114,6 +111,10 @@ class Pipeline:
     async def _delivered(self, chunk: Chunk) -> None:
         self.chunks_delivered += 1
         self.delivered[chunk.kind or kind_of_payload(chunk.payload)] += chunk.count
+        if chunk.positions:
+            newest = max(position.ts_ns for position in chunk.positions.values())
+            self.delivery_lag_s = max(0.0, (time.time_ns() - newest) / 1e9)
+            self.newest_delivered_ns = max(self.newest_delivered_ns, newest)
         self._commit(chunk)
         self.buffer.recovered()
         await self.buffer.done(chunk)
@@ -209,11 +210,49 @@ class Pipeline:
             self._discovery_task,
         ]
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The tasks that run for the pipeline's life (liveness looks at them)."""
+        return list(self._tasks)
+
     async def wait(self) -> None:
         """Returns when a task fails (it should not): the exception propagates."""
-        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            task.result()
+        while True:
+            changed = asyncio.ensure_future(self._tasks_changed.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    [*self._tasks, changed], return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                changed.cancel()
+            self._tasks_changed.clear()
+            for task in done:
+                # A cancelled one was swapped out (only shutdown and a swap cancel them).
+                if task in self._tasks and not task.cancelled():
+                    task.result()
+                    return
+
+    def forward_output(self, config: Config) -> ForwardOutput:
+        """A Forward output for ``config`` on this pipeline's buffer (TLS files read now):
+        the one at start, and the one a reload swaps in."""
+        return ForwardOutput(
+            config.output,
+            get_chunk=self.buffer.get,
+            delivered=self._delivered,
+            stalled=self.buffer.stall,
+            ssl_context=_ssl_context(config),
+            handshake_factory=handshake_factory(config.output),
+        )
+
+    async def swap_output(self, output: ForwardOutput) -> None:
+        """Run ``output`` in place of the current one (a reload): the old one is cancelled,
+        which hands every chunk it held back to the buffer, oldest first, and the new one
+        takes them from there."""
+        old = self._output_task
+        await _cancel(old)
+        self.output = output
+        self._output_task = asyncio.create_task(output.run(), name="output")
+        self._tasks[self._tasks.index(old)] = self._output_task
+        self._tasks_changed.set()
 
     async def shutdown(self, timeout_s: float) -> bool:
         """Stop reading, deliver what is held for up to ``timeout_s``; True if all went.

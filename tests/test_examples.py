@@ -83,6 +83,38 @@ def test_every_kubernetes_manifest_parses_and_defines_what_it_refers_to() -> Non
     assert socket[0]["readOnly"] is True
 
 
+def test_the_probes_use_the_listener_the_daemonset_config_opens() -> None:
+    docs = manifests()
+    (daemonset,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    listen = load_config_text(config_map["data"]["forwarder.toml"]).service.http_listen
+    host, _, port = listen.rpartition(":")
+    assert host == "0.0.0.0"  # the kubelet probes the pod's IP, not its loopback
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert ports[container[probe]["httpGet"]["port"]] == int(port)
+
+
+def test_the_dockerfile_healthcheck_asks_healthz_on_the_default_listener() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (healthcheck,) = [line for line in dockerfile.splitlines() if "urlopen(" in line]
+    default = load_config(ROOT / "conf" / "docker.toml", env={"FORWARD_SERVER": "tcp://a:1"})
+    assert f"http://{default.service.http_listen}/healthz" in healthcheck
+    assert "curl" not in healthcheck  # the slim image has none
+
+
+def load_config_text(text: str) -> Any:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "forwarder.toml"
+        path.write_text(text)
+        return load_config(path, env={"FORWARD_SHARED_KEY": "k", "NODE_NAME": "node-1"})
+
+
 def test_the_daemonset_config_passes_forwarder_check(tmp_path: Path) -> None:
     (config_map,) = [d for d in manifests() if d["kind"] == "ConfigMap"]
     path = tmp_path / "forwarder.toml"

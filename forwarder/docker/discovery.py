@@ -97,6 +97,10 @@ class Discovery:
     environment: Environment = field(default_factory=Environment.read)
     followers: dict[ContainerId, asyncio.Task[FollowerEnded]] = field(default_factory=dict)
     table: ContainerTable = field(init=False)
+    events_up: bool = False
+    """Listed, and reading the events stream (readiness)."""
+    reconnects: int = 0
+    """Times the listing and events stream were started again after a failure."""
     _stopping: bool = False
 
     def __post_init__(self) -> None:
@@ -140,6 +144,7 @@ class Discovery:
                         failing_since = None
                         delays = self.retry_delays()
                     first = False
+                    self.events_up = True
                     await self._watch_events()
                     raise EngineUnavailableError("the events stream ended")
                 except EngineUnavailableError as exc:
@@ -156,6 +161,8 @@ class Discovery:
                         exc_info=error != last_error,
                     )
                     last_error = error
+                self.events_up = False
+                self.reconnects += 1
                 await asyncio.sleep(next(delays))
         finally:
             await self.stop_followers()
@@ -234,6 +241,7 @@ class Discovery:
                 f" from now ({format_time(since_ns)})"
                 if since_ns is not None
                 else (f" from {format_time(position.ts_ns)}" if position else ""),
+                extra={"container": container.name, "container_id": container.cid},
             )
 
     def _follower_done(self, task: asyncio.Task[FollowerEnded]) -> None:
@@ -265,12 +273,14 @@ class Discovery:
 def _report(report: ReportEnd) -> None:
     name = report.container.name
     exc = report.error
+    fields = {"container": name, "container_id": report.container.cid, "reason": str(exc)}
     if report.reason is EndReason.UNSUPPORTED:
         log.warning(
             "container %s: its log driver %r can't be read through the API; skipped (%s)",
             name,
             report.container.log_driver,
             exc,
+            extra=fields,
         )
     elif report.reason is EndReason.BROKE:
         log.info("container %s: log stream broke (%s); resuming", name, exc)
@@ -279,6 +289,7 @@ def _report(report: ReportEnd) -> None:
             "container %s: corrupt log stream (%s); reading it again from the last line taken",
             name,
             exc,
+            extra=fields,
         )
     elif report.reason is EndReason.FAILED:
         log.error(
@@ -288,4 +299,5 @@ def _report(report: ReportEnd) -> None:
             type(exc).__name__,
             exc,
             exc_info=exc if report.traceback else None,
+            extra=fields,
         )

@@ -172,6 +172,8 @@ class ForwardOutput:
         self._crash: BaseException | None = None
         self._on_standby = False
         self._stalled_since: float | None = None
+        self.chunks_sent = 0  # sends, a chunk sent again counting again
+        self.chunks_retried = 0  # chunks set to go again after a failed send or a lost ack
 
     def __repr__(self) -> str:
         now = self._clock()
@@ -194,6 +196,7 @@ class ForwardOutput:
                 if await self._dispatch(chunk):
                     continue
                 self._retry[chunk.chunk_id] = chunk
+                self.chunks_retried += 1
                 await self._hand_back_held()
                 await self._wait_for_a_server()
         finally:
@@ -254,7 +257,9 @@ class ForwardOutput:
                 future = await connection.send(chunk, expect_ack=self._expect_ack)
             except DeliveryError as exc:
                 self._count_failure(server, None, exc, idle_reused=False)
+                self.chunks_retried += 1
                 continue
+            self.chunks_sent += 1
             deadline = asyncio.get_running_loop().time() + self._ack_timeout_s
             task = asyncio.create_task(
                 self._await_ack(
@@ -291,6 +296,7 @@ class ForwardOutput:
             server.ack_tasks.discard(this)
             self._count_failure(server, generation, exc, idle_reused=idle_reused)
             self._retry[chunk.chunk_id] = chunk
+            self.chunks_retried += 1
             self._wake.set()
             return
         server.ack_tasks.discard(this)
@@ -416,6 +422,7 @@ class ForwardOutput:
                 ", or sooner when a heartbeat connect gets through"
                 if exc.kind is FailureKind.UNREACHABLE and self._heartbeat_s > 0
                 else "",
+                extra={"server": server.name, "reason": reason},
             )
         else:
             log.debug(
@@ -440,6 +447,7 @@ class ForwardOutput:
                 server.name,
                 health.failures,
                 self._clock() - (health.down_since or self._clock()),
+                extra={"server": server.name},
             )
         health.succeeded()
         server.last_error = None
