@@ -305,24 +305,28 @@ def _event_seconds(code: int, data: bytes) -> object:
     return msgpack.ExtType(code, data)
 
 
+def _stamp_seconds(entry: object) -> float:
+    """An entry's record time in epoch seconds: ``[time, record]``, or Fluent Bit's
+    ``[[time, metadata], record]``; time an EventTime (decoded or not) or an integer."""
+    if not isinstance(entry, list) or not entry:
+        raise SenderProtocolError(f"not a Forward entry: {entry!r:.100}")
+    stamp = entry[0]
+    if isinstance(stamp, list) and stamp:
+        stamp = stamp[0]
+    if isinstance(stamp, msgpack.ExtType):
+        stamp = _event_seconds(stamp.code, stamp.data)
+    if not isinstance(stamp, int | float):
+        raise SenderProtocolError(f"an entry time of {stamp!r:.100}")
+    return float(stamp)
+
+
 def entry_times(payload: bytes) -> list[float]:
-    """The record times (epoch seconds) of a PackedForward payload's entries: ``[time,
-    record]``, or Fluent Bit's ``[[time, metadata], record]``."""
+    """The record times (epoch seconds) of a PackedForward payload's entries."""
     unpacker = msgpack.Unpacker(
         raw=True, ext_hook=_event_seconds, max_buffer_size=max(len(payload), 1024)
     )
     unpacker.feed(payload)
-    times: list[float] = []
-    for entry in unpacker:
-        if not isinstance(entry, list) or not entry:
-            raise SenderProtocolError(f"not a Forward entry: {entry!r:.100}")
-        stamp = entry[0]
-        if isinstance(stamp, list) and stamp:
-            stamp = stamp[0]
-        if not isinstance(stamp, int | float):
-            raise SenderProtocolError(f"an entry time of {stamp!r:.100}")
-        times.append(float(stamp))
-    return times
+    return [_stamp_seconds(entry) for entry in unpacker]
 
 
 class LatencyReceiver(CountingReceiver):
@@ -334,6 +338,10 @@ class LatencyReceiver(CountingReceiver):
         self.measuring = threading.Event()
         self.latencies: list[float] = []
 
+    def __enter__(self) -> LatencyReceiver:
+        super().__enter__()
+        return self
+
     def _on_message(self, sock: Any, conn_id: int, obj: object) -> None:
         arrived = time.time()
         super()._on_message(sock, conn_id, obj)
@@ -343,7 +351,7 @@ class LatencyReceiver(CountingReceiver):
         if isinstance(second, bytes):
             times = entry_times(second)
         elif isinstance(second, list):
-            times = [float(e[0]) for e in second if isinstance(e[0], int | float)]
+            times = [_stamp_seconds(entry) for entry in second]
         else:
             times = []
         with self._lock:
