@@ -41,7 +41,11 @@ from tests.harness.collector import (  # noqa: E402
     write_config,
 )
 from tests.harness.engine import Engine  # noqa: E402
-from tests.harness.receivers import CountingReceiver, SenderProtocolError  # noqa: E402
+from tests.harness.receivers import (  # noqa: E402
+    CountingReceiver,
+    ForwardEntries,
+    SenderProtocolError,
+)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FLUENT_BIT_ENV = "FLUENT_BIT"
@@ -348,7 +352,9 @@ class LatencyReceiver(CountingReceiver):
         if not self.measuring.is_set() or not isinstance(obj, list) or len(obj) < 2:
             return
         second = obj[1]
-        if isinstance(second, bytes):
+        if isinstance(second, ForwardEntries):
+            times = entry_times(second.payload)
+        elif isinstance(second, bytes):
             times = entry_times(second)
         elif isinstance(second, list):
             times = [_stamp_seconds(entry) for entry in second]
