@@ -26,8 +26,8 @@ Fluent Bit's ``Flush`` are both ``--flush`` (default 1s).
 
 Idle (``--idle N``): N containers that only sleep (their creation is timed: it is slow on the
 vfs storage driver), and forwarder with ``[stats] interval = --stats-interval`` for each log
-source in turn: after its first stats record of every container and ``--warmup`` seconds, its
-CPU % of a core, RSS now and peak, and the engine's CPU % over ``--seconds``.
+source in turn: once N records have arrived (a first round of stats) and ``--warmup`` seconds
+more, its CPU % of a core, RSS now and peak, and the engine's CPU % over ``--seconds``.
 
 Figures, not pass/fail. Uses $DOCKER_HOST when it answers (give ``--dockerd-pid`` for the
 engine's CPU), else a private dockerd.
@@ -284,7 +284,7 @@ def run_idle(engine: Engine, args: argparse.Namespace, pids: dict[str, int]) -> 
                 wall = window.elapsed
                 engine_cpu = window.total - window.used["forwarder"]
                 print(
-                    f"forwarder {source or 'api'}: first stats of all in {ready:.1f}s; over "
+                    f"forwarder {source or 'api'}: first {args.idle} records in {ready:.1f}s; over "
                     f"{wall:.0f}s CPU {pct(window.used['forwarder'], wall)} of a core, RSS "
                     f"{rss_kib(collector.pid) / 1024:.1f} MiB (peak "
                     f"{peak_rss_kib(collector.pid) / 1024:.1f}); engine {pct(engine_cpu, wall)}"
