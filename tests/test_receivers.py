@@ -19,12 +19,14 @@ from tests.harness.receivers import (
     GARBAGE,
     CountingReceiver,
     EventTime,
+    ForwardEntries,
     ForwardEntry,
     ForwardReceiver,
     NodeReceiver,
     SenderProtocolError,
     count_packed_entries,
     decode_forward_message,
+    lean_message,
     new_unpacker,
     server_tls_context,
     sha512_hex,
@@ -410,6 +412,36 @@ def test_counting_receiver_counts_every_mode_and_acks(
     assert stats["messages"] == 4
     assert stats["errors"] == 0
     assert stats["bytes"] > 100 * 8
+
+
+def test_lean_message_leaves_forward_mode_entries_as_their_bytes() -> None:
+    records: list[dict[str, Any]] = [{"i": 0}, {"i": 1, "s": "x"}]
+    message = pack(["t", [[event_time(T0), r] for r in records], {"chunk": "c"}])
+    assert lean_message(message) == [
+        b"t",
+        ForwardEntries(2, packed_entries(*records)),
+        {b"chunk": b"c"},
+    ]
+
+
+def test_lean_message_decodes_every_other_shape_whole() -> None:
+    packed = packed_entries({"i": 0})
+    assert lean_message(pack(["t", packed, {"size": 1}])) == [b"t", packed, {b"size": 1}]
+    assert lean_message(pack(["t", 7, {"m": 1}])) == [b"t", 7, {b"m": 1}]
+    assert lean_message(pack({"ack": "a"})) == {b"ack": b"a"}
+
+
+def test_counting_receiver_splits_messages_cut_anywhere(
+    counting_receiver: CountingReceiver, connect: Callable[..., Client]
+) -> None:
+    client = connect(counting_receiver.address)
+    data = pack(["t", [[1, {"i": i}] for i in range(50)], {"chunk": "a"}])
+    data += pack(["t", packed_entries({"i": 0}), {"chunk": "b"}])
+    for i in range(len(data)):
+        client.sock.sendall(data[i : i + 1])
+    assert client.read() == {"ack": "a"}
+    assert client.read() == {"ack": "b"}
+    assert counting_receiver.wait_for(51) == 51
 
 
 # ---- NodeReceiver (Fluent's FluentServer from @fluent-org/logger) ------------------------

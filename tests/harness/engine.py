@@ -55,6 +55,7 @@ REQUIRED_APPLETS = (
     "false",
     "env",
     "wc",
+    "usleep",
 )
 # A private engine's directory is /tmp/fwd-XXXX; its owner holds an flock on LOCK_NAME in it.
 PRIVATE_DIR_PREFIX = "fwd-"
