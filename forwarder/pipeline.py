@@ -22,6 +22,7 @@ from forwarder.chunks import Chunk, Chunker
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.docker.engine import Engine
+from forwarder.docker.filesource import JsonFileLogSource
 from forwarder.docker.follower import advance
 from forwarder.docker.logsource import EngineLogSource
 from forwarder.docker.stats_poller import StatsPoller
@@ -270,6 +271,9 @@ class Pipeline:
             config=config,
             engine=self.engine,
             source=EngineLogSource(self.engine),
+            file_source=None
+            if config.docker.log_source == "api"
+            else JsonFileLogSource(config.docker.containers_dir),
             sink=self.collector.add_lines,
             positions=dict(committed),
             first_start=self.first_start,
@@ -336,9 +340,14 @@ class Pipeline:
     def status(self) -> dict[str, int | None]:
         """Counts for the SIGUSR1 status line (None: not known); the README explains each."""
         read, delivered, buffer = self.collector.records_in, self.delivered, self.buffer
+        by_source = self.discovery.followers_by_source()
+        file_source = self.discovery.file_source
         return {
             "tasks": len(asyncio.all_tasks()),
             "followers": len(self.discovery.followers),
+            "followers_file": by_source["file"],
+            "followers_api": by_source["api"],
+            "rotation_gaps": file_source.rotation_gaps if file_source else 0,
             "stats_pollers": len(self.stats) if self.stats is not None else 0,
             "engine_connections": self.engine.open_connections(),
             "log_lines_read": read["log"],
