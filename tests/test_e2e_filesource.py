@@ -51,6 +51,10 @@ def has_line(cid: str, text: str) -> Callable[[list[Any]], bool]:
     return lambda records: any(r["log"] == text for r in logs(records, cid))
 
 
+def at_least(cid: str, n: int) -> Callable[[list[Any]], bool]:
+    return lambda records: len(numbers(records, cid)) >= n
+
+
 def kept_by_engine(engine: Engine, cid: str) -> list[Line]:
     """The lines in the engine's files now, oldest file first."""
     path = Path(engine.inspect(cid)["LogPath"])
@@ -141,6 +145,10 @@ def test_rotation_while_following_loses_and_repeats_nothing(
     # 9,000 lines (~1.3 MB in the files, ~13 rotations) over about 3 s.
     cid = engine.run("sh", "-c", NUMBERED.format(batches=30, per=300, pause=0.1), options=options)
     records = forward_receiver.wait_for(has_line(cid, "end"), timeout=60)
+    got = numbers(records, cid)
+    if got != list(range(1, 9001)):
+        c = Counter(got)
+        print("DBG", [n for n in c if c[n] > 1][:20], len(got), collector.log()[-3000:])
     assert numbers(records, cid) == list(range(1, 9001))
     assert "rotated away" not in collector.log()
     assert tally(records, cid, kept_by_engine(engine, cid)) == (0, 0)
@@ -204,7 +212,7 @@ def test_switching_log_source_between_runs_loses_and_repeats_nothing(
     ]
     for n, collector in enumerate(collectors[:-1]):
         collector.start()
-        forward_receiver.wait_for(lambda rs, n=n: len(numbers(rs, cid)) >= 1000 * (n + 1), 30)
+        forward_receiver.wait_for(at_least(cid, 1000 * (n + 1)), 30)
         collector.stop()
     collectors[-1].start()
     records = forward_receiver.wait_for(has_line(cid, "end"), timeout=60)
