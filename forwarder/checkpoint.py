@@ -67,7 +67,7 @@ class PositionTracker:
             del self._pending[first_seq]
             for cid, pos in positions.items():
                 old = self.committed.get(cid)
-                if old is None or pos > old:
+                if old is None or pos.later_than(old):
                     self.committed[cid] = pos
                     moved = True
         return moved
@@ -121,8 +121,7 @@ class PositionStore:
         try:
             data = json.loads(raw)
             positions = {
-                ContainerId(cid): Position(int(p[0]), int(p[1]))
-                for cid, p in data["positions"].items()
+                ContainerId(cid): Position.from_list(p) for cid, p in data["positions"].items()
             }
             if "engine_seen_ns" in data:
                 seen = data["engine_seen_ns"]
@@ -152,7 +151,7 @@ class PositionStore:
             "version": FORMAT_VERSION,
             "saved_at_ns": now_ns,
             "engine_seen_ns": engine_seen_ns,
-            "positions": {cid: [p.ts_ns, p.taken] for cid, p in sorted(positions.items())},
+            "positions": {cid: p.to_list() for cid, p in sorted(positions.items())},
         }
         data = json.dumps(body, separators=(",", ":")).encode()
         tmp = self.path.with_suffix(".json.tmp")

@@ -224,6 +224,21 @@ class DockerConfig(_Section):
         default="forwarder.exclude",
         description='Containers with this label set to "true" are not followed.',
     )
+    log_source: Literal["auto", "file", "api"] = Field(
+        default="auto",
+        description='Where log lines are read: "file" reads the engine\'s json-file logs from '
+        'disk (the LogPath inspect reports, under containers_dir); "api" reads them through the '
+        'Engine API; "auto" reads from disk each container whose log driver is json-file and '
+        "whose file forwarder can read (a local engine, the directory mounted), and any other "
+        'through the API. With "file", a container that can\'t be read from disk is not '
+        "followed, and the log says so once.",
+    )
+    containers_dir: str = Field(
+        default="",
+        description="Where the engine's containers/ directory (<data-root>/containers) is "
+        "mounted inside forwarder's container, e.g. /var/lib/docker/containers mounted "
+        "read-only. Empty: the LogPath the engine reports is used as it is.",
+    )
 
     @field_validator("host")
     @classmethod

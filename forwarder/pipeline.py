@@ -21,6 +21,7 @@ from forwarder.chunks import Chunk, kind_of_payload
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.docker.engine import Engine
+from forwarder.docker.filesource import JsonFileLogSource
 from forwarder.docker.logsource import EngineLogSource
 from forwarder.docker.stats_poller import StatsPoller
 from forwarder.forward.output import ForwardOutput
@@ -74,6 +75,9 @@ class Pipeline:
             config=config,
             engine=self.engine,
             source=EngineLogSource(self.engine),
+            file_source=None
+            if config.docker.log_source == "api"
+            else JsonFileLogSource(config.docker.containers_dir),
             sink=self.assembler.add_lines,
             positions=dict(committed),
             first_start=self.first_start,
@@ -144,9 +148,14 @@ class Pipeline:
     def status(self) -> dict[str, int | None]:
         """Counts for the SIGUSR1 status line (None: not known); the README explains each."""
         read, delivered, buffer = self.assembler.records_in, self.delivered, self.buffer
+        by_source = self.discovery.followers_by_source()
+        file_source = self.discovery.file_source
         return {
             "tasks": len(asyncio.all_tasks()),
             "followers": len(self.discovery.followers),
+            "followers_file": by_source["file"],
+            "followers_api": by_source["api"],
+            "rotation_gaps": file_source.rotation_gaps if file_source else 0,
             "stats_pollers": len(self.stats) if self.stats is not None else 0,
             "engine_connections": self.engine.open_connections(),
             "log_lines_read": read["log"],

@@ -48,11 +48,47 @@ class Position(NamedTuple):
     """How far a container's log has been taken.
 
     ``ts_ns`` is the engine timestamp of the last line taken, and ``taken`` is how many lines
-    carrying exactly that nanosecond were taken, since several lines can share one.
+    carrying exactly that nanosecond were taken, since several lines can share one: every
+    source understands that part.
+
+    A file source adds where it stands in the file, exact to the byte: the file's identity
+    (``dev``, ``ino``, and the ``fingerprint`` of its first line, ``-1`` when not known yet),
+    the byte ``offset`` at which its line joiner last held nothing (``-1``: no file part),
+    and ``skip``, how many joined lines were taken from there on (a long line's pieces can
+    still be pending in the joiner: they are not taken, so the offset stays before them).
+    Resuming there seeks to ``offset`` and drops the first ``skip`` lines.
     """
 
     ts_ns: int
     taken: int
+    dev: int = 0
+    ino: int = 0
+    fingerprint: int = -1
+    offset: int = -1
+    skip: int = 0
+
+    @property
+    def in_file(self) -> bool:
+        """It carries a file position."""
+        return self.offset >= 0
+
+    def later_than(self, other: Position) -> bool:
+        """Further on than ``other``: a later (ts, taken), or the same one reached by reading
+        further (a file part that differs)."""
+        if (self.ts_ns, self.taken) != (other.ts_ns, other.taken):
+            return (self.ts_ns, self.taken) > (other.ts_ns, other.taken)
+        return self != other
+
+    def to_list(self) -> list[int]:
+        """As saved: ``[ts_ns, taken]``, and the file part when there is one."""
+        return list(self) if self.in_file else [self.ts_ns, self.taken]
+
+    @classmethod
+    def from_list(cls, value: Any) -> Position:
+        """From :meth:`to_list` (or the two-item form saved before file positions)."""
+        if len(value) >= 7 and int(value[5]) >= 0:
+            return cls(*(int(v) for v in value[:7]))
+        return cls(int(value[0]), int(value[1]))
 
 
 class RawLine(NamedTuple):
@@ -90,6 +126,9 @@ class ContainerInfo(BaseModel):
     tty: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
     log_driver: str = ""
+    log_path: str = Field(
+        default="", description="Where the engine writes its json-file log (inspect's LogPath)."
+    )
     started_at_ns: int = 0
     finished_at_ns: int = 0
     running: bool = False

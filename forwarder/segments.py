@@ -174,7 +174,7 @@ def _decode_chunk_meta(meta: bytes, payload_bytes: int) -> Chunk:
             and isinstance(pos, dict)
         ):
             raise ValueError("wrong field types")
-        positions = {ContainerId(str(k)): Position(int(v[0]), int(v[1])) for k, v in pos.items()}
+        positions = {ContainerId(str(k)): Position.from_list(v) for k, v in pos.items()}
     except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as exc:
         raise ValueError(f"bad chunk metadata: {exc}") from exc
     return Chunk(ChunkId(cid), tag, count, payload_bytes, positions, stored=True)

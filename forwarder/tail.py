@@ -437,6 +437,13 @@ class FileTailer:
 
     def _look(self, f: _Open) -> Step:
         """List the chain and decide; learn the file's fingerprint and hold its successor."""
+        if f.ref.fingerprint is None and not f.compressed:
+            # From the open file itself: by the time it is listed again it may be gzipped
+            # and deleted, and then only its fingerprint finds it.
+            with contextlib.suppress(OSError):
+                fp = fingerprint(os.pread(f.raw.fileno(), FINGERPRINT_BYTES, 0))
+                if fp is not None:
+                    f.ref = FileRef(f.ref.dev, f.ref.ino, fp)
         chain = self.listing()
         if f.ref.fingerprint is None:
             i = _find(chain, f.ref)

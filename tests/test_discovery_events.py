@@ -10,7 +10,8 @@ from typing import Any
 
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
-from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RawLine
+from forwarder.docker.logsource import RawBatch
+from forwarder.records import ContainerId, ContainerInfo, LogLine, Position
 from tests.helpers import CID
 
 
@@ -37,11 +38,17 @@ class EndlessSource:
     """A log stream that stays open and says nothing."""
 
     async def read(
-        self, _container: ContainerInfo, *, since: str | None, follow: bool
-    ) -> AsyncIterator[list[RawLine]]:
-        del since, follow  # in the real signature; unused here
+        self,
+        _container: ContainerInfo,
+        *,
+        since: str | None,
+        follow: bool,
+        position: Position | None = None,
+        stopped: asyncio.Event | None = None,
+    ) -> AsyncIterator[RawBatch]:
+        del since, follow, position, stopped  # in the real signature; unused here
         await asyncio.Event().wait()
-        yield []
+        yield RawBatch([])
 
 
 async def no_lines(container: ContainerInfo, lines: list[LogLine], position: Position) -> None:

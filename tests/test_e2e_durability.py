@@ -117,10 +117,14 @@ def output_warnings(collector: CollectorProcess) -> list[str]:
     return [line for line in collector.log().splitlines() if "WARNING forwarder.forward" in line]
 
 
+@pytest.mark.parametrize("log_source", ["api", "file"])
 def test_receiver_outage_of_three_seconds(
-    engine: Engine, forward_receiver: ForwardReceiver, make_collector: MakeCollector
+    engine: Engine,
+    forward_receiver: ForwardReceiver,
+    make_collector: MakeCollector,
+    log_source: str,
 ) -> None:
-    collector = make_collector(forward_receiver.address)
+    collector = make_collector(forward_receiver.address, docker={"log_source": log_source})
     cid = engine.run("sh", "-c", PACED.format(batches=100))
     forward_receiver.wait_for(lambda rs: len(rs) >= 3000, timeout=30)
     forward_receiver.stop()
@@ -134,10 +138,14 @@ def test_receiver_outage_of_three_seconds(
     assert 1 <= len(output_warnings(collector)) <= 2, collector.log()
 
 
+@pytest.mark.parametrize("log_source", ["api", "file"])
 def test_collector_killed_and_restarted(
-    engine: Engine, forward_receiver: ForwardReceiver, make_collector: MakeCollector
+    engine: Engine,
+    forward_receiver: ForwardReceiver,
+    make_collector: MakeCollector,
+    log_source: str,
 ) -> None:
-    collector = make_collector(forward_receiver.address)
+    collector = make_collector(forward_receiver.address, docker={"log_source": log_source})
     cid = engine.run("sh", "-c", PACED.format(batches=100))
     forward_receiver.wait_for(lambda rs: len(rs) >= 9000, timeout=30)
     collector.kill()

@@ -13,7 +13,8 @@ from forwarder.checkpoint import PositionStore, SavedState
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
 from forwarder.docker.engine import EngineUnavailableError
-from forwarder.docker.frames import LogLine, RawLine
+from forwarder.docker.frames import LogLine
+from forwarder.docker.logsource import RawBatch
 from forwarder.pipeline import Pipeline
 from forwarder.records import ContainerId, ContainerInfo, Position
 
@@ -42,12 +43,23 @@ class RecordingSource:
         self.since: list[str | None] = []
 
     async def read(
-        self, container: ContainerInfo, *, since: str | None, follow: bool
-    ) -> AsyncIterator[list[RawLine]]:
-        del container, follow  # LogSource's signature; only where it was asked from counts
+        self,
+        container: ContainerInfo,
+        *,
+        since: str | None,
+        follow: bool,
+        position: Position | None = None,
+        stopped: asyncio.Event | None = None,
+    ) -> AsyncIterator[RawBatch]:
+        del (
+            container,
+            follow,
+            position,
+            stopped,
+        )  # LogSource's signature; only where it was asked from counts
         self.since.append(since)
         await asyncio.Event().wait()
-        yield []
+        yield RawBatch([])
 
 
 async def no_lines(container: ContainerInfo, lines: list[LogLine], position: Position) -> None:

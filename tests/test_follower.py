@@ -12,6 +12,7 @@ import pytest
 from forwarder.docker.discovery import self_container_id
 from forwarder.docker.follower import ResumeFilter, advance, follow_container
 from forwarder.docker.frames import PIECE_BYTES
+from forwarder.docker.logsource import RawBatch
 from forwarder.records import ContainerInfo, LogLine, Position, RawLine
 
 
@@ -70,11 +71,17 @@ class PiecesSource:
         self.batches = batches
 
     async def read(
-        self, _container: ContainerInfo, *, since: str | None, follow: bool
-    ) -> AsyncIterator[list[RawLine]]:
-        del since, follow  # in the real signature; unused here
+        self,
+        _container: ContainerInfo,
+        *,
+        since: str | None,
+        follow: bool,
+        position: Position | None = None,
+        stopped: asyncio.Event | None = None,
+    ) -> AsyncIterator[RawBatch]:
+        del since, follow, position, stopped  # in the real signature; unused here
         for batch in self.batches:
-            yield batch
+            yield RawBatch(batch)
 
 
 def test_a_long_line_is_logged_once_not_once_per_piece(caplog: pytest.LogCaptureFixture) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
-from forwarder.docker.logsource import EngineLogSource
+from forwarder.docker.logsource import EngineLogSource, RawBatch
 from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RawLine
 from forwarder.timefmt import format_since
 from tests.helpers import CID
@@ -118,16 +118,22 @@ class FailingSource:
         self.since: list[str | None] = []
 
     async def read(
-        self, _container: ContainerInfo, *, since: str | None, follow: bool
-    ) -> AsyncIterator[list[RawLine]]:
-        del follow  # in the real signature; unused here
+        self,
+        _container: ContainerInfo,
+        *,
+        since: str | None,
+        follow: bool,
+        position: Position | None = None,
+        stopped: asyncio.Event | None = None,
+    ) -> AsyncIterator[RawBatch]:
+        del follow, position, stopped  # in the real signature; unused here
         self.since.append(since)
         if self.error is not None:
             error, self.error = self.error, None
-            yield self.lines[:2]
+            yield RawBatch(self.lines[:2])
             raise error
         seconds, ns = (int(x) for x in (since or "0.0").split("."))
-        yield [line for line in self.lines if line.ts_ns >= seconds * S + ns]
+        yield RawBatch([line for line in self.lines if line.ts_ns >= seconds * S + ns])
 
 
 def test_a_follower_that_raises_is_logged_with_its_container_and_restarted(
@@ -175,11 +181,17 @@ class FlakyListing(FakeEngine):
 
 class SilentSource:
     async def read(
-        self, _container: ContainerInfo, *, since: str | None, follow: bool
-    ) -> AsyncIterator[list[RawLine]]:
-        del since, follow  # in the real signature; unused here
+        self,
+        _container: ContainerInfo,
+        *,
+        since: str | None,
+        follow: bool,
+        position: Position | None = None,
+        stopped: asyncio.Event | None = None,
+    ) -> AsyncIterator[RawBatch]:
+        del since, follow, position, stopped  # in the real signature; unused here
         await asyncio.Event().wait()
-        yield []
+        yield RawBatch([])
 
 
 def test_discovery_that_raises_is_logged_and_lists_again(caplog: pytest.LogCaptureFixture) -> None:

@@ -20,6 +20,10 @@ The rules, in one place:
   already exited is read all the same); of a followed one, it starts a new *generation*, so
   that its follower carries on even if it sees the container stopped. ``die`` and
   ``destroy`` stop its stats; ``destroy`` forgets it once no follower reads it.
+- **Which source reads it** (:func:`choose_source`), once, when it is first followed: with
+  ``log_source = "auto"``, the json-file log on disk when the driver is json-file, the engine
+  local and the file readable; else the API. With ``"file"``, a container that can't be read
+  from disk is skipped (an error), never read through the API instead.
 - **A follower ended**: stopped (the stream ended, and inspecting said how the container is)
   -> again when running or restarted meanwhile; gone -> forgotten once destroyed; a log driver
   the API can't read -> skipped for good; a broken or corrupt stream or an error of ours ->
@@ -33,7 +37,7 @@ import enum
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from forwarder.docker.lifecycle import event_container, lifecycle_record
 from forwarder.records import ContainerId, ContainerInfo, LifecycleEvent, Position
@@ -52,7 +56,11 @@ __all__ = [
     "Skip",
     "Unwatch",
     "Watch",
+    "choose_source",
 ]
+
+SourceKind = Literal["file", "api"]
+LogSourceMode = Literal["auto", "file", "api"]
 
 _ID_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -113,6 +121,8 @@ class Follow:
     delay_s: float = 0.0
     new: bool = True
     """A container not followed before (the log says so), not a follower started again."""
+    source: SourceKind = "api"
+    """Which log source reads it: its json-file log on disk, or the Engine API."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,8 @@ class Skip:
 
     container: ContainerInfo
     reason: str
+    error: bool = False
+    """It should have been followed (``log_source = "file"`` and its file can't be read)."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +177,32 @@ class ReportEnd:
 Action = Inspect | Follow | Skip | Watch | Unwatch | Forget | EmitLifecycle | ReportEnd
 
 
+# --- the source of a container's log --------------------------------------------------------
+
+
+def choose_source(
+    container: ContainerInfo, mode: LogSourceMode, *, local: bool, readable: bool
+) -> tuple[SourceKind | None, str]:
+    """Which source reads ``container``, and why not from disk (``""`` when it is).
+
+    ``local``: the engine runs on this host (a ``unix://`` socket); ``readable``: its json-file
+    log (``LogPath``, mapped under ``containers_dir``) can be opened. ``None``: it can't be read
+    (``mode = "file"`` and the file can't be)."""
+    if mode == "api":
+        return "api", 'log_source = "api"'
+    if container.log_driver != "json-file":
+        why = f"its log driver is {container.log_driver or 'unknown'!r}, not json-file"
+    elif not local:
+        why = "the engine is not local"
+    elif not container.log_path:
+        why = "the engine reports no LogPath"
+    elif not readable:
+        why = f"its log file {container.log_path} can't be read"
+    else:
+        return "file", ""
+    return (None if mode == "file" else "api"), why
+
+
 # --- the table ------------------------------------------------------------------------------
 
 
@@ -175,6 +213,7 @@ class _Following:
     generation: int
     since_ns: int | None
     delays: Iterator[float]
+    source: SourceKind = "api"
     failures: int = 0
     """Errors of ours in a row: the first is logged with its traceback."""
 
@@ -192,6 +231,9 @@ class ContainerTable:
     exclude_label: str
     self_id: str | None
     retry_delays: Callable[[], Iterator[float]] = source_retry_delays
+    log_source: LogSourceMode = "api"
+    engine_local: bool = True
+    """The engine runs on this host: its json-file logs can be on this host's disk."""
     following: dict[ContainerId, _Following] = field(default_factory=dict)
     skipped: set[ContainerId] = field(default_factory=set)
     known: dict[ContainerId, ContainerInfo] = field(default_factory=dict)
@@ -201,6 +243,7 @@ class ContainerTable:
     listed: bool = False
     """A listing went through in this run: it has seen the engine."""
     _from_now: dict[ContainerId, Position] = field(default_factory=dict)
+    _readable: dict[ContainerId, bool] = field(default_factory=dict)
     _seen: dict[tuple[str, str, int], None] = field(default_factory=dict)
     _horizon: int | None = None
     _at_startup: bool = False
@@ -246,8 +289,12 @@ class ContainerTable:
         cid: ContainerId,
         container: ContainerInfo | None,
         event: Mapping[str, Any] | None = None,
+        *,
+        log_readable: bool = False,
     ) -> list[Action]:
-        """What inspecting ``cid`` said (None: it is gone), for a listing or a start event."""
+        """What inspecting ``cid`` said (None: it is gone), for a listing or a start event;
+        ``log_readable``: its json-file log can be opened (see :func:`choose_source`)."""
+        self._readable[cid] = log_readable
         if event is not None:
             return self._on_start(cid, container, event)
         if container is None:
@@ -265,6 +312,15 @@ class ContainerTable:
             self.skipped.add(container.cid)
             return [Skip(container, reason)]
         cid = container.cid
+        source, why = choose_source(
+            container,
+            self.log_source,
+            local=self.engine_local,
+            readable=self._readable.get(cid, False),
+        )
+        if source is None:
+            self.skipped.add(cid)
+            return [Skip(container, f'log_source = "file" and {why}', error=True)]
         position = self.positions.get(cid)
         since_ns = None
         if (
@@ -279,8 +335,8 @@ class ContainerTable:
             since_ns = self._listed_ns
             position = self.positions[cid] = self._from_now[cid] = Position(since_ns, 0)
         self.known[cid] = container
-        self.following[cid] = _Following(container, 0, since_ns, self.retry_delays())
-        return [Watch(container), Follow(container, 0, position, since_ns)]
+        self.following[cid] = _Following(container, 0, since_ns, self.retry_delays(), source)
+        return [Watch(container), Follow(container, 0, position, since_ns, source=source)]
 
     # --- events -------------------------------------------------------------------------
 
@@ -353,6 +409,7 @@ class ContainerTable:
         if action == "destroy":
             self.known.pop(cid, None)
             self.skipped.discard(cid)
+            self._readable.pop(cid, None)
         if action in ("die", "destroy"):
             actions.append(Unwatch(cid))
         info = event_container(event, container)
@@ -383,7 +440,15 @@ class ContainerTable:
             following.container = container
             if container.running or ended.generation < following.generation:
                 # Runs, or ran again meanwhile: the new run is read (no backoff: not a failure).
-                return [Follow(container, following.generation, self.positions.get(cid), new=False)]
+                return [
+                    Follow(
+                        container,
+                        following.generation,
+                        self.positions.get(cid),
+                        new=False,
+                        source=following.source,
+                    )
+                ]
             return self._ended(cid)
         if reason is EndReason.GONE:
             return self._ended(cid)
@@ -408,6 +473,7 @@ class ContainerTable:
             following.since_ns,
             delay_s=next(following.delays),
             new=False,
+            source=following.source,
         )
         return [report, restart]
 

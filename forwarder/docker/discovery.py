@@ -38,6 +38,7 @@ from forwarder.docker.containers import (
     Watch,
 )
 from forwarder.docker.engine import ContainerGoneError, Engine, EngineUnavailableError
+from forwarder.docker.filesource import JsonFileLogSource
 from forwarder.docker.follower import LinesSink, run_follower
 from forwarder.docker.logsource import LogSource
 from forwarder.records import ContainerId, ContainerInfo, Position, RecordsSink
@@ -95,7 +96,12 @@ class Discovery:
     retry_delays: Callable[[], Iterator[float]] = source_retry_delays
     """Backoff for the events stream and for each follower (tests wait for nothing)."""
     environment: Environment = field(default_factory=Environment.read)
+    file_source: JsonFileLogSource | None = None
+    """Reads json-file logs from disk, for the containers the table says (``log_source``)."""
     followers: dict[ContainerId, asyncio.Task[FollowerEnded]] = field(default_factory=dict)
+    follower_sources: dict[ContainerId, str] = field(default_factory=dict)
+    """Which source reads each followed container: "file" or "api"."""
+    _stopped: dict[ContainerId, asyncio.Event] = field(default_factory=dict)
     table: ContainerTable = field(init=False)
     events_up: bool = False
     """Listed, and reading the events stream (readiness)."""
@@ -116,6 +122,8 @@ class Discovery:
             exclude_label=self.config.docker.exclude_label,
             self_id=self_id,
             retry_delays=self.retry_delays,
+            log_source=self.config.docker.log_source if self.file_source else "api",
+            engine_local=self.config.docker.host.startswith("unix://"),
         )
 
     @property
@@ -189,13 +197,27 @@ class Discovery:
                     container: ContainerInfo | None = await self.engine.inspect(action.cid)
                 except ContainerGoneError:
                     container = None
-                await self._perform(self.table.on_inspected(action.cid, container, action.event))
+                readable = self._log_readable(container)
+                await self._perform(
+                    self.table.on_inspected(
+                        action.cid, container, action.event, log_readable=readable
+                    )
+                )
             elif isinstance(action, EmitLifecycle):
                 if self.lifecycle_sink is not None:
                     records = [(action.ts_ns, action.record.record())]
                     await self.lifecycle_sink(self._events_tag(action.container), records)
             else:
                 self._perform_now(action)
+
+    def _log_readable(self, container: ContainerInfo | None) -> bool:
+        """Whether the container's json-file log can be read from disk (a fact the table
+        needs to choose its source), looked at only where it could matter."""
+        if container is None or self.file_source is None or self.table.log_source == "api":
+            return False
+        if container.log_driver != "json-file" or not self.table.engine_local:
+            return False
+        return self.file_source.readable(container)
 
     def _perform_now(self, action: Action) -> None:
         """The actions that need no waiting (all those of an ended follower)."""
@@ -205,13 +227,21 @@ class Discovery:
             if self.on_container is not None:
                 self.on_container(action.container)
         elif isinstance(action, Unwatch):
+            stopped = self._stopped.get(action.cid)
+            if stopped is not None:
+                stopped.set()  # a file follower reads to the end, then ends
             if self.on_stopped is not None:
                 self.on_stopped(action.cid)
         elif isinstance(action, Forget):
             if self.on_gone is not None:
                 self.on_gone(action.cid)
         elif isinstance(action, Skip):
-            log.info("container %s: not followed (%s)", action.container.name, action.reason)
+            log.log(
+                logging.ERROR if action.error else logging.INFO,
+                "container %s: not followed (%s)",
+                action.container.name,
+                action.reason,
+            )
         elif isinstance(action, ReportEnd):
             _report(action)
         else:
@@ -219,30 +249,53 @@ class Discovery:
 
     def _start(self, follow: Follow) -> None:
         container = follow.container
+        source: LogSource = self.source
+        stopped: asyncio.Event | None = None
+        if follow.source == "file":
+            assert self.file_source is not None
+            source = self.file_source
+            stopped = self._stopped[container.cid] = asyncio.Event()
+        else:
+            self._stopped.pop(container.cid, None)
         task = asyncio.create_task(
             run_follower(
                 follow,
                 engine=self.engine,
-                source=self.source,
+                source=source,
                 sink=self.sink,
                 max_line_bytes=self.config.docker.max_line_bytes,
+                stopped=stopped,
             ),
             name=f"follow {container.name}",
         )
         task.add_done_callback(self._follower_done)
         self.followers[container.cid] = task
+        self.follower_sources[container.cid] = follow.source
         if follow.new:
             position = follow.position
             since_ns = follow.since_ns
+            if follow.source == "file":
+                assert self.file_source is not None
+                how = f"file {self.file_source.path_of(container)}"
+            else:
+                how = "api"
             log.info(
-                "container %s (%s): following%s",
+                "container %s (%s): following%s (%s)",
                 container.name,
                 container.cid[:12],
                 f" from now ({format_time(since_ns)})"
                 if since_ns is not None
                 else (f" from {format_time(position.ts_ns)}" if position else ""),
+                how,
                 extra={"container": container.name, "container_id": container.cid},
             )
+
+    def followers_by_source(self) -> dict[str, int]:
+        """How many followers each source runs now."""
+        counts = {"file": 0, "api": 0}
+        for cid in self.followers:
+            counts[self.follower_sources.get(cid, "api")] += 1
+        return counts
 
     def _follower_done(self, task: asyncio.Task[FollowerEnded]) -> None:
         """A follower's stream ended: the table decides what follows."""
@@ -255,6 +308,8 @@ class Discovery:
         ended = task.result()
         if self.followers.get(ended.cid) is task:
             del self.followers[ended.cid]
+            self.follower_sources.pop(ended.cid, None)
+            self._stopped.pop(ended.cid, None)
         try:
             for action in self.table.on_follower_ended(ended):
                 self._perform_now(action)

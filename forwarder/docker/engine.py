@@ -89,6 +89,7 @@ def container_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
         tty=bool(config.get("Tty")),
         labels=config.get("Labels") or {},
         log_driver=(host_config.get("LogConfig") or {}).get("Type") or "",
+        log_path=data.get("LogPath") or "",
         started_at_ns=_engine_time(state.get("StartedAt")),
         finished_at_ns=_engine_time(state.get("FinishedAt")),
         running=bool(state.get("Running")),

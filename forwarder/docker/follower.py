@@ -18,7 +18,7 @@ from typing import Protocol
 from forwarder.docker.containers import EndReason, Follow, FollowerEnded
 from forwarder.docker.engine import ContainerGoneError, EngineError, LogsUnsupportedError
 from forwarder.docker.frames import EngineStreamError, PartialJoiner
-from forwarder.docker.logsource import LogSource
+from forwarder.docker.logsource import FileMark, LogSource
 from forwarder.records import ContainerInfo, LogLine, Position
 from forwarder.timefmt import format_since
 
@@ -66,14 +66,68 @@ class ResumeFilter:
 
 
 def advance(position: Position | None, lines: list[LogLine]) -> Position | None:
-    """The position after taking ``lines``: the newest timestamp and how many lines at it."""
-    ts, count = position if position is not None else (-1, 0)
+    """The position after taking ``lines``: the newest timestamp and how many lines at it
+    (without a file part: :class:`FilePlace` adds it for a file source)."""
+    ts, count = (position.ts_ns, position.taken) if position is not None else (-1, 0)
     for line in lines:
         if line.ts_ns > ts:
             ts, count = line.ts_ns, 1
         elif line.ts_ns == ts:
             count += 1
     return Position(ts, count) if ts >= 0 else None
+
+
+class FilePlace:
+    """Where a file source's position stands (sans-I/O): the last file offset at which the
+    joiner held nothing, and how many joined lines came out since.
+
+    A batch's lines are taken whole; a piece of a long line still pending in the joiner is
+    not, so the offset stays before it, and the lines that came out after that offset are
+    counted (``skip``): a resume seeks to the offset, joins the same bytes the same way and
+    drops that many lines. After the source's ``resumed`` batch, the first ``position.skip``
+    lines are dropped here too (:meth:`drop`)."""
+
+    __slots__ = ("_drop", "_mark", "_out")
+
+    def __init__(self) -> None:
+        self._mark: FileMark | None = None
+        self._out = 0
+        self._drop = 0
+
+    def resumed(self, position: Position) -> None:
+        self._mark = FileMark(position.dev, position.ino, position.fingerprint, position.offset)
+        self._out = 0
+        self._drop = position.skip
+
+    def moved(self, mark: FileMark, joined: list[LogLine], joiner_idle: bool) -> list[LogLine]:
+        """The source reached ``mark`` and the joiner gave ``joined``; returns the lines not
+        dropped by a resume."""
+        if joiner_idle:
+            self._mark, self._out = mark, 0
+        else:
+            self._out += len(joined)
+        if self._drop:
+            dropped = min(self._drop, len(joined))
+            self._drop -= dropped
+            joined = joined[dropped:]
+        return joined
+
+    def flushed(self, joined: list[LogLine]) -> list[LogLine]:
+        """The joiner let go of what it held at the end of the stream."""
+        if self._mark is None:
+            return joined
+        self._out += len(joined)
+        dropped = min(self._drop, len(joined))
+        self._drop -= dropped
+        return joined[dropped:]
+
+    def position(self, ts_position: Position) -> Position:
+        m = self._mark
+        if m is None:
+            return ts_position
+        return Position(
+            ts_position.ts_ns, ts_position.taken, m.dev, m.ino, m.fingerprint, m.offset, self._out
+        )
 
 
 async def follow_container(
@@ -86,6 +140,7 @@ async def follow_container(
     follow: bool,
     max_line_bytes: int,
     on_position: Callable[[Position], None],
+    stopped: asyncio.Event | None = None,
 ) -> None:
     """Read one container's log until the stream ends (the container stopped), handing each
     batch of lines to ``sink`` together with the position it reaches."""
@@ -101,24 +156,40 @@ async def follow_container(
 
     joiner = PartialJoiner(max_line_bytes, on_split)
     resume = ResumeFilter(position)
+    place = FilePlace()
+    start = position
     if position is not None:
         since = format_since(position.ts_ns)
-    async for raw in source.read(container, since=since, follow=follow):
-        lines = joiner.feed(raw)
-        if resume.active:
-            lines = resume.feed(lines)
-        if lines:
-            new_position = advance(position, lines)
-            assert new_position is not None
-            position = new_position
-            await sink(container, lines, position)
-            on_position(position)
-    lines = resume.feed(joiner.flush())
+    reads = source.read(container, since=since, follow=follow, position=start, stopped=stopped)
+    try:
+        async for raw, mark, resumed in reads:
+            if resumed and start is not None:
+                # At the position's byte: lines are dropped by count, not by time.
+                resume = ResumeFilter(None)
+                place.resumed(start)
+            lines = joiner.feed(raw)
+            if mark is not None:
+                lines = place.moved(mark, lines, joiner.pending_bytes == 0)
+            if resume.active:
+                lines = resume.feed(lines)
+            if lines:
+                ts_position = advance(position, lines)
+                assert ts_position is not None
+                position = place.position(ts_position)
+                await sink(container, lines, position)
+                on_position(position)
+    finally:
+        aclose = getattr(reads, "aclose", None)
+        if aclose is not None:
+            await aclose()  # a file source closes its files at once, even when cancelled
+    lines = place.flushed(joiner.flush())
+    lines = resume.feed(lines) if resume.active else lines
     if lines:
-        new_position = advance(position, lines)
-        assert new_position is not None
-        await sink(container, lines, new_position)
-        on_position(new_position)
+        ts_position = advance(position, lines)
+        assert ts_position is not None
+        position = place.position(ts_position)
+        await sink(container, lines, position)
+        on_position(position)
 
 
 async def run_follower(
@@ -128,6 +199,7 @@ async def run_follower(
     source: LogSource,
     sink: LinesSink,
     max_line_bytes: int,
+    stopped: asyncio.Event | None = None,
 ) -> FollowerEnded:
     """Follow ``start.container`` once through (after ``start.delay_s``): until the stream
     ends, then inspect it to say how it is. Every way it can end is returned, not raised."""
@@ -155,6 +227,7 @@ async def run_follower(
             follow=container.running,
             max_line_bytes=max_line_bytes,
             on_position=on_position,
+            stopped=stopped,
         )
         # The stream ended: the container stopped, or the engine went away.
         return ended(EndReason.STOPPED, after=await engine.inspect(container.cid))
