@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 from forwarder.buffer import ChunkBuffer, open_store
@@ -24,7 +25,7 @@ from forwarder.docker.discovery import Discovery
 from forwarder.docker.engine import Engine
 from forwarder.docker.follower import advance
 from forwarder.docker.logsource import EngineLogSource
-from forwarder.docker.stats_poller import StatsPoller
+from forwarder.docker.stats_poller import CgroupPlace, StatsPoller
 from forwarder.forward.output import ForwardOutput
 from forwarder.forward.protocol import (
     decode_entries,
@@ -265,6 +266,14 @@ class Pipeline:
                 interval_s=stats_interval_s,
                 tag=compile_template(config.tags.stats),
                 sink=self.collector.add_stats,
+                cgroups=None
+                if config.stats.source == "api"
+                else CgroupPlace(
+                    Path(config.stats.cgroup_root),
+                    Path(config.stats.proc_root),
+                    self.engine.init_pid,
+                    required=config.stats.source == "cgroup",
+                ),
             )
         self.discovery = Discovery(
             config=config,
