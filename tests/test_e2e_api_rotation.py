@@ -90,7 +90,7 @@ def test_restart_after_rotation_gets_every_kept_line_once(
     doubled = [line for line in truth if got[line] > 1]
     print(f"\nengine holds {len(truth)} lines; missing {len(missing)}, doubled {len(doubled)}")
     assert missing == [], f"{len(missing)} kept lines never arrived, from {missing[:3]}"
-    assert doubled == [], f"{len(doubled)} lines arrived twice, from {doubled[:3]}"
+    assert doubled == [], f"{len(doubled)} lines arrived twice: {doubled[:3]} of {truth[-5:]}"
     # And before the stop, r1..r300 arrived once each.
     texts = Counter(text for (_, text), n in got.items() for _ in range(n))
     assert [i for i in range(1, 301) if texts[f"r{i}"] != 1] == []
