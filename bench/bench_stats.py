@@ -14,13 +14,18 @@ from ``/proc/<pid>/stat``) used by:
 runs in this process; its CPU is not counted. The engine is a private dockerd (like the
 tests'), unless ``--docker-host`` names one whose dockerd pid you give with ``--dockerd-pid``.
 
+Each interval runs once per ``--sources`` (``[stats] source``: "api" asks the Stats API,
+"cgroup" reads the host's cgroup files), side by side.
+
     python bench/bench_stats.py                      # 50 containers, 30 s windows
     python bench/bench_stats.py --intervals 1s 2s 10s --window 60
+    python bench/bench_stats.py --intervals 10s --sources api cgroup --containers 100
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import signal
 import sys
@@ -117,17 +122,18 @@ def measure(
     pids: EnginePids,
     receiver: CountingReceiver,
     interval: str,
+    source: str,
     containers: int,
     window_s: float,
     workdir: Path,
 ) -> dict[str, float]:
     config = write_config(
-        workdir / f"forwarder-{interval}.toml",
+        workdir / f"forwarder-{interval}-{source}.toml",
         {
             "docker": {"host": engine.host, "read_from": "tail"},
             "output": {"servers": [receiver.address], "flush_interval": "1s"},
-            "state": {"dir": str(workdir / f"state-{interval}")},
-            "stats": {"interval": interval},
+            "state": {"dir": str(workdir / f"state-{interval}-{source}")},
+            "stats": {"interval": interval, "source": source},
             "service": {"log_level": "info"},
         },
     )
@@ -137,7 +143,7 @@ def measure(
         wait_until(
             lambda: (
                 (s := status(collector))["followers"] == containers
-                and (not stats_on or s["stats_records"] >= containers)
+                and (not stats_on or s["stats_records_read"] >= containers)
             ),
             timeout=120,
             what=f"the collector to follow {containers} containers and ship their first stats",
@@ -145,7 +151,7 @@ def measure(
         # One-shot polls come in rounds: start half an interval after one, so that a window
         # of whole intervals holds whole rounds.
         time.sleep(parse_duration(interval).total_seconds() / 2)
-        records_before = status(collector)["stats_records"]
+        records_before = status(collector).get("stats_records_read", 0)
         engine_before = pids.ticks()
         collector_before = cpu_ticks(collector.pid)
         started = time.monotonic()
@@ -162,7 +168,7 @@ def measure(
         for name in engine_after
     }
     used["collector"] = (collector_after - collector_before) / CLK_TCK / wall_s * 100
-    used["records_per_s"] = (final["stats_records"] - records_before) / wall_s
+    used["records_per_s"] = (final.get("stats_records_read", 0) - records_before) / wall_s
     used["connections"] = float(final.get("engine_connections", -1))
     used["tasks"] = float(final["tasks"])
     return used
@@ -175,6 +181,9 @@ def main() -> None:
         "--window", type=float, default=30.0, help="seconds measured per run (whole intervals)"
     )
     parser.add_argument("--intervals", nargs="+", default=["0s", "1s", "10s"])
+    parser.add_argument(
+        "--sources", nargs="+", default=["api", "cgroup"], choices=["api", "cgroup", "auto"]
+    )
     parser.add_argument("--docker-host", help="an engine of your own (default: a private one)")
     parser.add_argument("--dockerd-pid", type=int, help="with --docker-host: its dockerd's pid")
     args = parser.parse_args()
@@ -199,16 +208,25 @@ def main() -> None:
             f"{len(pids.shims)} shims; window {args.window:g}s; 100 % = one core"
         )
         print(
-            f"{'interval':>8} {'collector':>10} {'dockerd':>8} {'containerd':>10} "
+            f"{'interval':>8} {'source':>7} {'collector':>10} {'dockerd':>8} {'containerd':>10} "
             f"{'engine':>8} {'shims':>7} {'records/s':>10} {'conns':>6} {'tasks':>6}"
         )
         with tempfile.TemporaryDirectory(prefix="bench-stats-") as tmp:
-            for interval in args.intervals:
+            for interval, source in itertools.product(args.intervals, args.sources):
+                if parse_duration(interval).total_seconds() == 0 and source != args.sources[0]:
+                    continue  # stats off: the source does not matter
                 r = measure(
-                    engine, pids, receiver, interval, args.containers, args.window, Path(tmp)
+                    engine,
+                    pids,
+                    receiver,
+                    interval,
+                    source,
+                    args.containers,
+                    args.window,
+                    Path(tmp),
                 )
                 print(
-                    f"{interval:>8} {r['collector']:9.2f}% {r['dockerd']:7.2f}% "
+                    f"{interval:>8} {source:>7} {r['collector']:9.2f}% {r['dockerd']:7.2f}% "
                     f"{r['containerd']:9.2f}% {r['dockerd'] + r['containerd']:7.2f}% "
                     f"{r['shims']:6.2f}% {r['records_per_s']:10.1f} {r['connections']:6.0f} "
                     f"{r['tasks']:6.0f}",

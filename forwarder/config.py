@@ -531,6 +531,26 @@ class StatsConfig(_Section):
         description='How often each container\'s stats are shipped; "0s" turns stats off. '
         '"0s" or 1s to 24h (the engine samples once a second).',
     )
+    source: Literal["auto", "cgroup", "api"] = Field(
+        default="auto",
+        description='Where the figures come from: "cgroup" reads the host\'s cgroup files '
+        "(v1 or v2) under cgroup_root and the container's network counters under proc_root, "
+        'sparing dockerd and containerd a Stats API request per container per interval; "api" '
+        'asks the Stats API; "auto" reads the files where they are readable and asks the API '
+        'for the other containers. With "cgroup", a container whose files can\'t be read is '
+        "logged once and sampled through the API.",
+    )
+    cgroup_root: str = Field(
+        default="/sys/fs/cgroup",
+        description="Where the host's cgroup tree is mounted (inside forwarder's container, "
+        "mount the host's /sys/fs/cgroup read-only).",
+    )
+    proc_root: str = Field(
+        default="/proc",
+        description="Where the host's /proc is mounted: the containers' processes must be "
+        "visible there (their cgroup and network counters); inside a container, run with "
+        "--pid=host or mount the host's /proc elsewhere.",
+    )
 
 
 class BufferConfig(_Section):

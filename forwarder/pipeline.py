@@ -12,6 +12,7 @@ import contextlib
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 from forwarder.assembler import ChunkAssembler
@@ -23,7 +24,7 @@ from forwarder.docker.discovery import Discovery
 from forwarder.docker.engine import Engine
 from forwarder.docker.filesource import JsonFileLogSource
 from forwarder.docker.logsource import EngineLogSource
-from forwarder.docker.stats_poller import StatsPoller
+from forwarder.docker.stats_poller import CgroupPlace, StatsPoller
 from forwarder.forward.output import ForwardOutput
 from forwarder.forward.setup import handshake_factory
 from forwarder.outputs import Output, StdoutOutput
@@ -70,6 +71,14 @@ class Pipeline:
                 interval_s=stats_interval_s,
                 tag=compile_template(config.tags.stats),
                 sink=self.assembler.add_stats,
+                cgroups=None
+                if config.stats.source == "api"
+                else CgroupPlace(
+                    Path(config.stats.cgroup_root),
+                    Path(config.stats.proc_root),
+                    self.engine.init_pid,
+                    required=config.stats.source == "cgroup",
+                ),
             )
         self.discovery = Discovery(
             config=config,

@@ -34,7 +34,8 @@ def message(n: int) -> bytes:
 
 class FakeEngine:
     """``inspect`` says the container has stopped; ``log_bytes`` answers each request with
-    the next canned body (as one read), recording the ``since`` it was asked for."""
+    the next canned body (as one read), or an empty one when they have run out, recording
+    the ``since`` it was asked for."""
 
     def __init__(self, *bodies: bytes) -> None:
         self.bodies = list(bodies)
@@ -48,7 +49,7 @@ class FakeEngine:
     ) -> AsyncIterator[bytes]:
         del follow  # in the real signature; unused here
         self.since.append(since)
-        yield self.bodies.pop(0)
+        yield self.bodies.pop(0) if self.bodies else b""
 
 
 def make_discovery(engine: Any, source: Any, got: list[LogLine]) -> Discovery:
@@ -90,7 +91,8 @@ def test_a_corrupt_frame_names_container_and_offset_and_the_stream_is_read_again
     good = message(1) + message(2)
     # A flipped bit in the third frame's header: stream byte 0x01 became 0x41.
     corrupt = good + b"\x41" + message(3)[1:] + message(4)
-    # The engine's since is inclusive: asked again from line 2, it sends line 2 again.
+    # The engine's since is inclusive: asked again from line 2, it sends line 2 again. Both
+    # are catch-up reads (without follow); the follow request after the second finds no more.
     engine = FakeEngine(corrupt, message(2) + message(3) + message(4))
     got: list[LogLine] = []
     discovery = make_discovery(engine, EngineLogSource(engine), got)  # type: ignore[arg-type]
@@ -98,7 +100,7 @@ def test_a_corrupt_frame_names_container_and_offset_and_the_stream_is_read_again
         asyncio.run(follow(discovery))
     # The good lines read before the corruption were taken, and nothing twice.
     assert texts(got) == ["line 1", "line 2", "line 3", "line 4"]
-    assert engine.since == [None, format_since(T0 + 2)]
+    assert engine.since == [None, format_since(T0 + 2), format_since(T0 + 4)]
     assert discovery.positions[CID] == Position(T0 + 4, 1)
     reports = [r for r in caplog.records if "corrupt" in r.getMessage()]
     assert len(reports) == 1

@@ -287,6 +287,12 @@ class Engine:
             raise EngineError(f"GET /containers/{cid[:12]}/stats: not a JSON object")
         return sample
 
+    async def init_pid(self, cid: str) -> int:
+        """The host pid of the container's init process (``State.Pid``); 0 if not running."""
+        data = await self._json(f"containers/{cid}/json")
+        pid = data.get("State", {}).get("Pid", 0) if isinstance(data, dict) else 0
+        return pid if isinstance(pid, int) else 0
+
     async def stats_stream(self, cid: str, *, stream: bool = True) -> AsyncIterator[dict[str, Any]]:
         """Stats API samples for one container (one a second while streaming)."""
         params = {"stream": int(stream)}

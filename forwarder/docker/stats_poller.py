@@ -12,6 +12,11 @@ cheapest at 10 s):
 - ``STREAM`` (interval < 2 s): one ``stream=1`` request held open; the engine sends a sample
   a second, and every Nth is shipped (N = interval / 1 s, rounded, at least 1).
 
+With ``[stats] source = "auto"`` or ``"cgroup"`` a task first looks for the container's
+cgroup files (:mod:`forwarder.docker.cgroup`, one inspect for the init pid); where it finds
+them it reads them each interval instead of asking the engine (the same sample shape, so the
+same figures), and falls back to the modes above where it does not.
+
 A task ends when the container stops (a sample without a reading) or is gone (404), and when
 discovery says so (:meth:`StatsPoller.stop`). Engine errors are retried with backoff; so is
 an unexpected error, which is logged first, with its container.
@@ -23,9 +28,11 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
+from forwarder.docker.cgroup import CgroupFiles, CgroupUnavailableError, locate
 from forwarder.docker.engine import ContainerGoneError, EngineError
 from forwarder.docker.stats import StatsSampleError, StatsSampler, read_time
 from forwarder.records import ContainerId, ContainerInfo, RecordsSink
@@ -51,6 +58,28 @@ class StatsSource(Protocol):
     def stats_stream(self, cid: str, *, stream: bool = True) -> AsyncIterator[dict[str, Any]]: ...
 
     async def stats_once(self, cid: str) -> dict[str, Any]: ...
+
+
+class CgroupPlace:
+    """Where :class:`StatsPoller` looks for cgroup files (``[stats] cgroup_root``, ``proc_root``)
+    and how it learns a container's init pid (:meth:`Engine.init_pid`); ``required``
+    (``source = "cgroup"``) makes a container it can't read that way a warning."""
+
+    def __init__(
+        self,
+        cgroup_root: Path,
+        proc_root: Path,
+        init_pid: Callable[[str], Awaitable[int]],
+        *,
+        required: bool = False,
+    ) -> None:
+        self.cgroup_root = cgroup_root
+        self.proc_root = proc_root
+        self.init_pid = init_pid
+        self.required = required
+
+    def locate(self, pid: int) -> CgroupFiles:
+        return locate(pid, cgroup_root=self.cgroup_root, proc_root=self.proc_root)
 
 
 class StatsMode(enum.Enum):
@@ -83,6 +112,7 @@ class StatsPoller:
         sink: RecordsSink,
         clock_ns: Callable[[], int] = time.time_ns,
         retry_delays: Callable[[], Iterator[float]] = source_retry_delays,
+        cgroups: CgroupPlace | None = None,
     ) -> None:
         if interval_s <= 0:
             raise ValueError("the stats interval must be positive (0 turns stats off)")
@@ -93,6 +123,8 @@ class StatsPoller:
         self.sink = sink
         self.clock_ns = clock_ns
         self.retry_delays = retry_delays
+        self.cgroups = cgroups
+        self.from_files = 0  # tasks reading cgroup files now
         self.tasks: dict[ContainerId, asyncio.Task[None]] = {}
         # Deliveries that a stop() interrupted: they run to the end, so that no chunk the
         # chunker sealed is lost half-way into the buffer (see _ship).
@@ -141,7 +173,10 @@ class StatsPoller:
         try:
             while True:
                 try:
-                    if self.mode is StatsMode.STREAM:
+                    files = await self._locate(container)
+                    if files is not None:
+                        await self._poll_files(sampler, tag, files)
+                    elif self.mode is StatsMode.STREAM:
                         await self._stream(sampler, tag)
                     else:
                         await self._poll(sampler, tag)
@@ -163,6 +198,36 @@ class StatsPoller:
         finally:
             if self.tasks.get(cid) is asyncio.current_task():
                 del self.tasks[cid]
+
+    async def _locate(self, container: ContainerInfo) -> CgroupFiles | None:
+        """The container's cgroup files, or ``None`` (not configured, not readable here)."""
+        if self.cgroups is None:
+            return None
+        pid = await self.cgroups.init_pid(container.id)
+        if pid <= 0:
+            raise _Stopped
+        try:
+            return self.cgroups.locate(pid)
+        except CgroupUnavailableError as exc:
+            level = logging.WARNING if self.cgroups.required else logging.DEBUG
+            log.log(level, "container %s: stats through the API: %s", container.name, exc)
+            return None
+
+    async def _poll_files(self, sampler: StatsSampler, tag: str, files: CgroupFiles) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        self.from_files += 1
+        try:
+            while True:
+                try:
+                    sample = files.sample(read_ns=self.clock_ns())
+                except CgroupUnavailableError as exc:
+                    raise _Stopped from exc  # the cgroup goes with the container
+                await self._take(sampler, tag, sample, ship=True)
+                next_at = max(next_at + self.interval_s, loop.time())
+                await asyncio.sleep(next_at - loop.time())
+        finally:
+            self.from_files -= 1
 
     async def _poll(self, sampler: StatsSampler, tag: str) -> None:
         loop = asyncio.get_running_loop()
