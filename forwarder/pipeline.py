@@ -63,7 +63,7 @@ class Pipeline:
         self._forget_later: set[ContainerId] = set()
         stats_interval_s = config.stats.interval.total_seconds()
         self.stats: StatsPoller | None = None
-        if stats_interval_s > 0:
+        if stats_interval_s > 0 and config.containers.stats:
             self.stats = StatsPoller(
                 self.engine,
                 interval_s=stats_interval_s,

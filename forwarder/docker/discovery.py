@@ -41,6 +41,7 @@ from forwarder.docker.engine import ContainerGoneError, Engine, EngineUnavailabl
 from forwarder.docker.follower import LinesSink, run_follower
 from forwarder.docker.logsource import LogSource
 from forwarder.records import ContainerId, ContainerInfo, Position, RecordsSink
+from forwarder.selection import Selection
 from forwarder.tags import compile_template
 from forwarder.timefmt import format_duration, format_time
 from forwarder.tuning import source_retry_delays
@@ -112,6 +113,8 @@ class Discovery:
             exclude_label=self.config.docker.exclude_label,
             self_id=self_id,
             retry_delays=self.retry_delays,
+            selection=Selection.from_config(self.config.containers),
+            lifecycle=self.config.containers.lifecycle,
         )
 
     @property
