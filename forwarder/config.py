@@ -654,7 +654,8 @@ class TagsConfig(_Section):
     logs: str = Field(
         default="docker.{{.Name}}",
         description="Tag of log records, in Docker's tag template syntax: {{.ID}} {{.FullID}} "
-        "{{.Name}} {{.ImageName}} {{.ImageID}} {{.ImageFullID}} {{.DaemonName}}.",
+        "{{.Name}} {{.ImageName}} {{.ImageID}} {{.ImageFullID}} {{.DaemonName}}, and labels: "
+        '{{index .ContainerLabels "com.docker.compose.service"}}.',
     )
     stats: str = Field(default="docker.stats.{{.Name}}", description="Tag of stats records.")
     events: str = Field(

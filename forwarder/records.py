@@ -89,6 +89,9 @@ class ContainerInfo(BaseModel):
     image_id: str = Field(default="", description="The image id, e.g. 'sha256:...'.")
     tty: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
+    env: tuple[str, ...] = Field(
+        default=(), repr=False, description="Config.Env: NAME=value entries (may hold secrets)."
+    )
     log_driver: str = ""
     started_at_ns: int = 0
     finished_at_ns: int = 0

@@ -92,6 +92,8 @@ class Discovery:
     """Called after each listing that went through, with the positions it chose for
     containers read from now on (``read_from = "tail"`` on a first start): they are
     where those containers resume, whatever happens next."""
+    on_engine_name: Callable[[str], None] | None = None
+    """Given the engine's name once it is known (asked only when set)."""
     clock_ns: Callable[[], int] = time.time_ns
     retry_delays: Callable[[], Iterator[float]] = source_retry_delays
     """Backoff for the events stream and for each follower (tests wait for nothing)."""
@@ -165,6 +167,9 @@ class Discovery:
 
     async def _sync(self, first: bool) -> None:
         """List containers, and follow those the table says to (see ContainerTable)."""
+        if self.on_engine_name is not None:
+            self.on_engine_name(await self.engine.name())
+            self.on_engine_name = None
         now_ns = self.clock_ns()
         ids = await self.engine.list_container_ids(all=True)
         await self._perform(self.table.on_listed(ids, first=first, now_ns=now_ns))
