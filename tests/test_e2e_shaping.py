@@ -124,7 +124,7 @@ def test_include_and_exclude_matchers_on_a_real_engine(
     debug = engine.run("sh", "-c", script, name="web-debug", labels={"forwarder.enable": "true"})
     plain = engine.run("sh", "-c", script, name="plain")
     records = forward_receiver.wait_for(
-        lambda rs: logs_of(rs, enabled) and logs_of(rs, front), timeout=30
+        lambda rs: bool(logs_of(rs, enabled) and logs_of(rs, front)), timeout=30
     )
     wait_until(
         lambda: all(name in collector.log() for name in ("/shop-db-1", "/web-debug", "/plain")),
