@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from forwarder.docker.frames import Demuxer
 from tests.harness.collector import CollectorProcess
 from tests.harness.engine import Engine
 from tests.harness.polling import wait_until
@@ -151,3 +153,38 @@ def test_include_and_exclude_matchers_on_a_real_engine(
     assert "container /web-debug: not followed (it matches containers.exclude[0]" in log
     assert "container /plain: not followed (it matches no containers.include matcher)" in log
     assert log.count("/plain: not followed") == 1
+
+
+def test_a_java_stack_trace_from_a_real_container_is_one_record(
+    engine: Engine, forward_receiver: ForwardReceiver, make_collector: MakeCollector
+) -> None:
+    """The recorded Java trace written to stderr by a container labelled
+    forwarder.multiline=java: the trace is one record with the time of its first line; the
+    log lines around it stay alone; a stdout line in the middle is not mixed in."""
+    trace = (Path(__file__).parent / "data" / "multiline" / "java.log").read_text()
+    make_collector(forward_receiver.address)
+    cid = engine.run(
+        "sh",
+        "-c",
+        'echo "$TRACE" | head -n 10 >&2; echo between; echo "$TRACE" | tail -n +11 >&2; sleep 600',
+        labels={"forwarder.multiline": "java"},
+        options=["-e", f"TRACE={trace.rstrip()}"],
+    )
+    lines = trace.splitlines()
+    # The last line waits for what follows it: flush_timeout (1 s) sends it.
+    records = forward_receiver.wait_for(lambda rs: len(logs_of(rs, cid)) >= 5, timeout=30)
+    mine = [r for r in records if r["record"].get("container_id") == cid and "log" in r["record"]]
+    got = sorted((r["record"]["source"], r["record"]["log"]) for r in mine)
+    assert got == sorted(
+        [
+            ("stderr", lines[0]),
+            ("stderr", lines[1]),
+            ("stderr", "\n".join(lines[2:19])),
+            ("stderr", lines[19]),
+            ("stdout", "between"),
+        ]
+    )
+    raw = Demuxer().feed(engine.logs_api_bytes(cid, timestamps=True))
+    first_of_trace = next(line.ts_ns for line in raw if line.data.startswith(b"org.spring"))
+    joined = next(r for r in mine if r["record"]["log"].startswith("org.spring"))
+    assert joined["time_ns"] == first_of_trace

@@ -40,6 +40,7 @@ from forwarder.docker.containers import (
 from forwarder.docker.engine import ContainerGoneError, Engine, EngineUnavailableError
 from forwarder.docker.follower import LinesSink, run_follower
 from forwarder.docker.logsource import LogSource
+from forwarder.multiline import MultilineRules
 from forwarder.records import ContainerId, ContainerInfo, Position, RecordsSink
 from forwarder.selection import Selection
 from forwarder.tags import compile_template
@@ -107,6 +108,7 @@ class Discovery:
         if self.environment.self_container_id:
             self_id = self.environment.self_container_id
         self._events_tag = compile_template(self.config.tags.events)
+        self._multiline = MultilineRules.from_config(self.config, time.monotonic)
         self.table = ContainerTable(
             positions=self.positions,
             first_start=self.first_start,
@@ -227,6 +229,7 @@ class Discovery:
                 source=self.source,
                 sink=self.sink,
                 max_line_bytes=self.config.docker.max_line_bytes,
+                multiline=self._multiline.joiner,
             ),
             name=f"follow {container.name}",
         )

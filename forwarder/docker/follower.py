@@ -11,14 +11,16 @@ decides whether the container is followed again: :mod:`forwarder.docker.containe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from forwarder.docker.containers import EndReason, Follow, FollowerEnded
 from forwarder.docker.engine import ContainerGoneError, EngineError, LogsUnsupportedError
-from forwarder.docker.frames import EngineStreamError, PartialJoiner
+from forwarder.docker.frames import EngineStreamError, PartialJoiner, RawLine
 from forwarder.docker.logsource import LogSource
+from forwarder.multiline import Joiner
 from forwarder.records import ContainerInfo, LogLine, Position
 from forwarder.timefmt import format_since
 
@@ -86,9 +88,27 @@ async def follow_container(
     follow: bool,
     max_line_bytes: int,
     on_position: Callable[[Position], None],
+    multiline: Joiner | None = None,
 ) -> None:
     """Read one container's log until the stream ends (the container stopped), handing each
-    batch of lines to ``sink`` together with the position it reaches."""
+    batch of lines to ``sink`` together with the position it reaches.
+
+    With ``multiline``, lines go through the joiner first, the position handed on is the one
+    before its earliest pending group, and a pending group is sent after its flush_timeout
+    (the loop wakes up for it)."""
+    if multiline is not None:
+        await _follow_joined(
+            container,
+            source,
+            sink,
+            position=position,
+            since=since,
+            follow=follow,
+            max_line_bytes=max_line_bytes,
+            on_position=on_position,
+            multiline=multiline,
+        )
+        return
     name = container.name
 
     def on_split(source_name: str, size: int) -> None:
@@ -121,6 +141,75 @@ async def follow_container(
         on_position(new_position)
 
 
+def _split_warner(name: str) -> Callable[[str, int], None]:
+    def on_split(source_name: str, size: int) -> None:
+        log.warning(
+            "container %s: a %s line is longer than max_line_bytes; split after %d bytes",
+            name,
+            source_name,
+            size,
+        )
+
+    return on_split
+
+
+async def _follow_joined(
+    container: ContainerInfo,
+    source: LogSource,
+    sink: LinesSink,
+    *,
+    position: Position | None,
+    since: str | None,
+    follow: bool,
+    max_line_bytes: int,
+    on_position: Callable[[Position], None],
+    multiline: Joiner,
+) -> None:
+    joiner = PartialJoiner(max_line_bytes, _split_warner(container.name))
+    resume = ResumeFilter(position)
+    if position is not None:
+        since = format_since(position.ts_ns)
+
+    async def send(records: list[LogLine], safe: Position | None) -> None:
+        if records and safe is not None:
+            await sink(container, records, safe)
+            on_position(safe)
+
+    reads = aiter(source.read(container, since=since, follow=follow))
+    pending: asyncio.Future[list[RawLine]] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(reads))
+            deadline = multiline.deadline()
+            timeout = None if deadline is None else max(0.0, deadline - multiline.clock())
+            done, _ = await asyncio.wait({pending}, timeout=timeout)
+            if not done:
+                await send(*multiline.due())
+                continue
+            task, pending = pending, None
+            try:
+                raw = task.result()
+            except StopAsyncIteration:
+                break
+            lines = joiner.feed(raw)
+            if resume.active:
+                lines = resume.feed(lines)
+            if lines:
+                position = advance(position, lines)
+                await send(*multiline.feed(lines, position))
+        lines = resume.feed(joiner.flush())
+        if lines:
+            position = advance(position, lines)
+            await send(*multiline.feed(lines, position))
+        await send(*multiline.flush())
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+
+
 async def run_follower(
     start: Follow,
     *,
@@ -128,6 +217,7 @@ async def run_follower(
     source: LogSource,
     sink: LinesSink,
     max_line_bytes: int,
+    multiline: Callable[[ContainerInfo, Position | None], Joiner | None] | None = None,
 ) -> FollowerEnded:
     """Follow ``start.container`` once through (after ``start.delay_s``): until the stream
     ends, then inspect it to say how it is. Every way it can end is returned, not raised."""
@@ -155,6 +245,7 @@ async def run_follower(
             follow=container.running,
             max_line_bytes=max_line_bytes,
             on_position=on_position,
+            multiline=multiline(container, start.position) if multiline is not None else None,
         )
         # The stream ended: the container stopped, or the engine went away.
         return ended(EndReason.STOPPED, after=await engine.inspect(container.cid))
