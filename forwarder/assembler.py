@@ -20,7 +20,8 @@ from forwarder.checkpoint import PositionTracker
 from forwarder.chunks import Chunk, Chunker
 from forwarder.config import Config
 from forwarder.docker.follower import advance
-from forwarder.forward.protocol import encode_entries, encode_log_entries
+from forwarder.forward.protocol import LogHead, encode_entries, encode_log_entries, log_head
+from forwarder.metadata import record_extra
 from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RecordKind
 from forwarder.tags import compile_template
 
@@ -47,6 +48,9 @@ class ChunkAssembler:
         )
         self._log_tag = compile_template(config.tags.logs)
         self._tags: dict[ContainerId, str] = {}
+        self._heads: dict[ContainerId, LogHead] = {}
+        self.host = ""
+        """The engine's name, for the ``host`` extra key (discovery learns it)."""
         self._added = asyncio.Event()
         self._clock = time.monotonic
         self.records_in: dict[RecordKind, int] = {"log": 0, "stats": 0, "lifecycle": 0}
@@ -57,8 +61,22 @@ class ChunkAssembler:
             tag = self._tags[container.cid] = self._log_tag(container)
         return tag
 
+    def log_head(self, container: ContainerInfo) -> LogHead:
+        """The container's constant part of every log entry, its extra keys included: packed
+        once per container, not per batch nor per line."""
+        head = self._heads.get(container.cid)
+        if head is None:
+            extra = record_extra(container, self.config.records, self.host)
+            head = self._heads[container.cid] = log_head(container.id, container.name, extra)
+        return head
+
+    def set_host(self, name: str) -> None:
+        self.host = name
+        self._heads.clear()
+
     def forget(self, cid: ContainerId) -> None:
         self._tags.pop(cid, None)
+        self._heads.pop(cid, None)
 
     async def add_lines(
         self, container: ContainerInfo, lines: list[LogLine], position: Position
@@ -66,8 +84,10 @@ class ChunkAssembler:
         self.records_in["log"] += len(lines)
         tag = self.log_tag(container)
         limit = self.config.output.chunk_limit
-        for part, part_position in split_batch(container, lines, position, limit):
-            entries = encode_log_entries(container.id, container.name, part)
+        head = self.log_head(container)
+        extra_bytes = len(head.tail) + (len(head.log) if head.log is not None else 0)
+        for part, part_position in split_batch(container, lines, position, limit, extra_bytes):
+            entries = encode_log_entries(container.id, container.name, part, head=head)
             await self._add(tag, entries, len(part), (container.cid, part_position), "log")
 
     async def add_stats(self, tag: str, records: list[tuple[int, dict[str, Any]]]) -> None:
@@ -122,13 +142,17 @@ class ChunkAssembler:
 
 
 def split_batch(
-    container: ContainerInfo, lines: list[LogLine], position: Position, limit: int
+    container: ContainerInfo,
+    lines: list[LogLine],
+    position: Position,
+    limit: int,
+    extra_bytes: int = 0,
 ) -> list[tuple[list[LogLine], Position]]:
     """Cut a batch (one engine read can hold a thousand lines) into parts that fit in a
     chunk of ``limit`` bytes, each with the position it reaches. An inner part's count at
     its last nanosecond ignores earlier parts, so it can only be lower: a resume from it
     repeats a line rather than skipping one."""
-    overhead = ENTRY_OVERHEAD_BYTES + len(container.id) + len(container.name)
+    overhead = ENTRY_OVERHEAD_BYTES + len(container.id) + len(container.name) + extra_bytes
     if len(lines) * overhead + sum(len(line.text) for line in lines) <= limit:
         return [(lines, position)]
     parts: list[tuple[list[LogLine], Position]] = []

@@ -252,6 +252,166 @@ class DockerConfig(_Section):
         raise ValueError(f"{value!r} is not unix:///path or tcp://host:port")
 
 
+class ContainerMatcher(_Section):
+    """Picks containers: every key given must match (globs use ``*``, ``?`` and ``[...]``)."""
+
+    name: str | None = Field(
+        default=None,
+        description='Glob on the container name, without the leading "/" ("web-*").',
+    )
+    image: str | None = Field(
+        default=None,
+        description='Glob on the image name, tried with and without its tag ("nginx*", '
+        '"nginx:1.27", "registry.example/app*").',
+    )
+    label: str | None = Field(
+        default=None,
+        description='"key": the label is set; "key=glob": its value matches the glob.',
+    )
+    compose_project: str | None = Field(
+        default=None, description="Glob on the com.docker.compose.project label."
+    )
+    compose_service: str | None = Field(
+        default=None, description="Glob on the com.docker.compose.service label."
+    )
+
+    @field_validator("name", "image", "label", "compose_project", "compose_service")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("empty; leave the key out instead")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _no_slash(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("/"):
+            raise ValueError('a name glob is written without the leading "/"')
+        return value
+
+    @field_validator("label")
+    @classmethod
+    def _label_key(cls, value: str | None) -> str | None:
+        if value is not None and not value.partition("=")[0].strip():
+            raise ValueError('expected "key" or "key=value-glob": the key is missing')
+        return value
+
+    @model_validator(mode="after")
+    def _some_key(self) -> ContainerMatcher:
+        if not any(getattr(self, key) is not None for key in type(self).model_fields):
+            keys = ", ".join(type(self).model_fields)
+            raise ValueError(f"a matcher needs at least one of: {keys}")
+        return self
+
+
+class ContainersConfig(_Section):
+    include: list[ContainerMatcher] = Field(
+        default_factory=list,
+        description="Follow only containers matching one of these (none: every container). "
+        'Opt-in mode: [{ label = "forwarder.enable=true" }].',
+    )
+    exclude: list[ContainerMatcher] = Field(
+        default_factory=list,
+        description="Never follow containers matching one of these (docker.exclude_label "
+        "applies as well).",
+    )
+    stats: bool = Field(
+        default=True,
+        description="Stats records for the followed containers (stats.interval sets how often).",
+    )
+    lifecycle: bool = Field(
+        default=True, description="Lifecycle records for the followed containers."
+    )
+
+
+def _check_regex(value: str) -> str:
+    if value:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+    return value
+
+
+RecordExtraKey = Literal[
+    "image", "image_id", "compose_project", "compose_service", "host", "docker"
+]
+
+
+class RecordsConfig(_Section):
+    labels: list[str] = Field(
+        default_factory=list,
+        description="Container labels added as top-level keys of log records, as Docker's "
+        "fluentd driver does with --log-opt labels=.",
+    )
+    labels_regex: Annotated[str, AfterValidator(_check_regex)] = Field(
+        default="",
+        description="Labels whose key matches this regular expression are added too "
+        "(--log-opt labels-regex=).",
+    )
+    env: list[str] = Field(
+        default_factory=list,
+        description="Environment variables of the container added as top-level keys "
+        "(--log-opt env=); on a clash with a label, the variable wins.",
+    )
+    env_regex: Annotated[str, AfterValidator(_check_regex)] = Field(
+        default="",
+        description="Environment variables whose name matches this regular expression are "
+        "added too (--log-opt env-regex=).",
+    )
+    extra: list[RecordExtraKey] = Field(
+        default_factory=list,
+        description='Richer keys, off by default: "image", "image_id", "compose_project", '
+        '"compose_service", "host" (the engine\'s name), or "docker" (all of them in one '
+        "nested map).",
+    )
+
+
+MultilinePreset = Literal["java", "python", "go", "ruby"]
+
+
+class MultilineRule(_Section):
+    match: ContainerMatcher | None = Field(
+        default=None,
+        description="The containers this rule applies to (unset: every container); the "
+        "first rule that matches wins.",
+    )
+    preset: MultilinePreset | None = Field(
+        default=None,
+        description='Built-in grammar: "java", "python", "go" (panics and goroutine dumps), '
+        '"ruby". Or set start_pattern / continue_pattern instead.',
+    )
+    start_pattern: Annotated[str, AfterValidator(_check_regex)] | None = Field(
+        default=None,
+        description="A line matching this regex starts a group; with no continue_pattern, "
+        "every line that does not match it continues the group.",
+    )
+    continue_pattern: Annotated[str, AfterValidator(_check_regex)] | None = Field(
+        default=None,
+        description="A line matching this regex continues the group before it.",
+    )
+    max_lines: int = Field(
+        default=500, ge=2, le=100_000, description="A group is sent when it has this many lines."
+    )
+    max_bytes: Annotated[Size, _bounds("1KiB", "64MiB")] = Field(
+        default=_size_default("1MiB"),
+        description="A group is sent when its text reaches this size. 1KiB to 64MiB.",
+    )
+    flush_timeout: Annotated[Duration, _bounds("1ms", "1h")] = Field(
+        default=_duration_default("1s"),
+        description="A pending group is sent as is after this long without a new line. 1ms to 1h.",
+    )
+
+    @model_validator(mode="after")
+    def _one_grammar(self) -> MultilineRule:
+        custom = self.start_pattern is not None or self.continue_pattern is not None
+        if self.preset is not None and custom:
+            raise ValueError("set preset, or start_pattern/continue_pattern, not both")
+        if self.preset is None and not custom:
+            raise ValueError("set preset, or start_pattern and/or continue_pattern")
+        return self
+
+
 class ServerConfig(_Section):
     url: str = Field(description="tcp://host:port, tls://host:port or unix:///path.")
     weight: int = Field(
@@ -509,7 +669,8 @@ class TagsConfig(_Section):
     logs: str = Field(
         default="docker.{{.Name}}",
         description="Tag of log records, in Docker's tag template syntax: {{.ID}} {{.FullID}} "
-        "{{.Name}} {{.ImageName}} {{.ImageID}} {{.ImageFullID}} {{.DaemonName}}.",
+        "{{.Name}} {{.ImageName}} {{.ImageID}} {{.ImageFullID}} {{.DaemonName}}, and labels: "
+        '{{index .ContainerLabels "com.docker.compose.service"}}.',
     )
     stats: str = Field(default="docker.stats.{{.Name}}", description="Tag of stats records.")
     events: str = Field(
@@ -621,6 +782,13 @@ class Config(_Section):
     stats: StatsConfig = Field(default_factory=StatsConfig)
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
+    containers: ContainersConfig = Field(default_factory=ContainersConfig)
+    records: RecordsConfig = Field(default_factory=RecordsConfig)
+    multiline: list[MultilineRule] = Field(
+        default_factory=list,
+        description="[[multiline]] rules: which containers' lines are joined into one "
+        "record, and how. A container labelled forwarder.multiline=<preset> needs no rule.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -27,6 +27,7 @@ from forwarder.docker.logsource import EngineLogSource
 from forwarder.docker.stats_poller import CgroupPlace, StatsPoller
 from forwarder.forward.output import ForwardOutput
 from forwarder.forward.setup import handshake_factory
+from forwarder.metadata import needs_host
 from forwarder.outputs import Output, StdoutOutput
 from forwarder.records import ContainerId, ContainerInfo, Position, RecordKind
 from forwarder.tags import compile_template
@@ -65,7 +66,7 @@ class Pipeline:
         self._forget_later: set[ContainerId] = set()
         stats_interval_s = config.stats.interval.total_seconds()
         self.stats: StatsPoller | None = None
-        if stats_interval_s > 0:
+        if stats_interval_s > 0 and config.containers.stats:
             self.stats = StatsPoller(
                 self.engine,
                 interval_s=stats_interval_s,
@@ -98,6 +99,7 @@ class Pipeline:
             on_container=self._on_container,
             on_stopped=self._on_stopped,
             on_listed=self._on_listed,
+            on_engine_name=self.assembler.set_host if needs_host(config.records) else None,
         )
         self.output: Output
         if config.output.mode == "stdout":

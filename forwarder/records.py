@@ -125,6 +125,9 @@ class ContainerInfo(BaseModel):
     image_id: str = Field(default="", description="The image id, e.g. 'sha256:...'.")
     tty: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
+    env: tuple[str, ...] = Field(
+        default=(), repr=False, description="Config.Env: NAME=value entries (may hold secrets)."
+    )
     log_driver: str = ""
     log_path: str = Field(
         default="", description="Where the engine writes its json-file log (inspect's LogPath)."

@@ -15,6 +15,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 from forwarder import logformat
 from forwarder.config import Config, ConfigError, load_config
 from forwarder.forward.setup import check_output
@@ -50,6 +52,10 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     keys = []
     for section in type(old).model_fields:
         before, after = getattr(old, section), getattr(new, section)
+        if not isinstance(before, BaseModel):  # a list of tables, such as [[multiline]]
+            if before != after:
+                keys.append(section)
+            continue
         for key in type(before).model_fields:
             if getattr(before, key) != getattr(after, key):
                 keys.append(f"{section}.{key}")

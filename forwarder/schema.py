@@ -66,11 +66,23 @@ def _type(field: Any) -> str:
     if get_origin(annotation) is Literal:
         return " or ".join(f'`"{a}"`' for a in args)
     if get_origin(annotation) is list:
-        return "list of URL or {url, weight, standby}"
+        (item,) = get_args(annotation) or (Any,)
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            if "url" in item.model_fields:
+                return "list of URL or {url, weight, standby}"
+            keys = ", ".join(item.model_fields)
+            return f"list of {{{keys}}}"
+        if get_origin(item) is Literal:
+            return "list of " + " or ".join(f'`"{a}"`' for a in get_args(item))
+        name = getattr(item, "__name__", str(item))
+        return f"list of {_TYPE_NAMES.get(name, name)}"
     if args:  # X | None
         return " or ".join(getattr(a, "__name__", str(a)) for a in args)
     name = getattr(annotation, "__name__", str(annotation))
-    return {"str": "string", "int": "integer", "bool": "boolean", "Path": "path"}.get(name, name)
+    return _TYPE_NAMES.get(name, name)
+
+
+_TYPE_NAMES = {"str": "string", "int": "integer", "bool": "boolean", "Path": "path"}
 
 
 def _rows(model: type[BaseModel], prefix: str) -> list[str]:

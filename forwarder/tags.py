@@ -2,7 +2,10 @@
 
 Supported fields: ``{{.ID}}`` (12-character id), ``{{.FullID}}``, ``{{.Name}}`` (without the
 leading ``/``), ``{{.ImageName}}``, ``{{.ImageID}}`` (12 characters, no ``sha256:``),
-``{{.ImageFullID}}`` and ``{{.DaemonName}}`` (``docker``).
+``{{.ImageFullID}}`` and ``{{.DaemonName}}`` (``docker``); and a label's value, spelt as in
+Docker's templates (Go's ``index`` on ``.ContainerLabels``; empty when the container has no
+such label): ``{{index .ContainerLabels "com.docker.compose.service"}}`` is the compose
+service.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from collections.abc import Callable
 
 from forwarder.records import ContainerInfo
 
-_FIELD_RE = re.compile(r"\{\{\s*\.([A-Za-z]+)\s*\}\}")
+_FIELD_RE = re.compile(
+    r'\{\{\s*(?:\.([A-Za-z]+)|index\s+\.ContainerLabels\s+"((?:[^"\\]|\\.)*)")\s*\}\}'
+)
 _ANY_ACTION_RE = re.compile(r"\{\{|\}\}")
 
 _FIELDS: dict[str, Callable[[ContainerInfo], str]] = {
@@ -32,6 +37,10 @@ class TemplateError(ValueError):
     pass
 
 
+def _label(key: str) -> Callable[[ContainerInfo], str]:
+    return lambda c: c.labels.get(key, "")
+
+
 def compile_template(template: str) -> Template:
     """Turn a template into a function of a container; unknown fields are an error."""
     parts: list[str | Callable[[ContainerInfo], str]] = []
@@ -43,8 +52,13 @@ def compile_template(template: str) -> Template:
         if literal:
             parts.append(literal)
         name = match[1]
+        if name is None:
+            parts.append(_label(match[2].replace('\\"', '"').replace("\\\\", "\\")))
+            pos = match.end()
+            continue
         if name not in _FIELDS:
             allowed = " ".join("{{." + k + "}}" for k in _FIELDS)
+            allowed += ' {{index .ContainerLabels "key"}}'
             raise TemplateError(f"{template!r}: unknown field .{name} (allowed: {allowed})")
         parts.append(_FIELDS[name])
         pos = match.end()

@@ -135,6 +135,8 @@ def bad_values(field: Any) -> st.SearchStrategy[Any]:
             st.integers(max_value=-1),
             st.integers(min_value=10001),
         )
+    if typing.get_origin(annotation) is list:  # include/exclude, labels, env, multiline...
+        return anything.filter(lambda v: not isinstance(v, list))
     if typing.get_origin(annotation) is Literal:
         choices = typing.get_args(annotation)
         return anything.filter(lambda v: v not in choices)
@@ -179,6 +181,8 @@ def broken_key(draw: st.DrawFn) -> tuple[str, str]:
     if kind == "leaf":
         section, key, field = draw(st.sampled_from(LEAVES))
         value = draw(bad_values(field))
+        if not section:  # a top-level key ([[multiline]])
+            return f"{key} = {toml_value(value)}\n", key
         return f"[{section}]\n{key} = {toml_value(value)}\n", f"{section}.{key}"
     if kind == "url":
         url = draw(bad_urls())
@@ -187,7 +191,7 @@ def broken_key(draw: st.DrawFn) -> tuple[str, str]:
         key, field = draw(st.sampled_from(SERVER_FIELDS))
         table = {"url": "tcp://agg:24224", key: draw(bad_values(field))}
         return f"[output]\nservers = [{toml_value(table)}]\n", f"output.servers.0.{key}"
-    sections = sorted({section for section, _, _ in LEAVES})
+    sections = sorted({section for section, _, _ in LEAVES if section})
     section = draw(st.sampled_from(sections))
     key = draw(st.from_regex(r"[a-z][a-z_]{0,12}", fullmatch=True))
     known = {k for s, k, _ in LEAVES if s == section} | {"tls"}

@@ -31,6 +31,7 @@ from forwarder.forward.protocol import (
     encode_log_entries,
     encode_message,
     event_time,
+    log_head,
 )
 from forwarder.records import EventTime, LogEvent, LogLine
 from tests.helpers import CID, feed_all
@@ -282,3 +283,34 @@ def test_data_before_helo_is_refused() -> None:
     conn.receive_data(msgpack.packb({"ack": "x"}))
     with pytest.raises(RemoteProtocolError, match="expected HELO"):
         conn.next_event()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"team": "pay", "APP_VERSION": "1.2"},
+        {f"k{i}": str(i) for i in range(20)},  # a map16 header
+        {"docker": {"image": "nginx", "host": "node-1"}},
+        # A key equal to one of the driver's four replaces its value, as the driver does.
+        {"container_name": "/renamed", "source": "label", "log": "the label", "z": "1"},
+    ],
+)
+def test_log_entries_with_extra_keys_equal_the_generic_encoding(extra: dict[str, Any]) -> None:
+    lines = [LogLine("stderr", 1_700_000_000_999_999_999, "ünï €"), LogLine("stdout", 5, "x")]
+    generic = encode_entries(
+        [
+            (
+                line.ts_ns,
+                {
+                    **LogEvent(
+                        container_id=CID, container_name="/w", source=line.source, log=line.text
+                    ).record(),
+                    **extra,
+                },
+            )
+            for line in lines
+        ]
+    )
+    assert encode_log_entries(CID, "/w", lines, extra) == generic
+    head = log_head(CID, "/w", extra)
+    assert encode_log_entries(CID, "/w", lines, head=head) == generic

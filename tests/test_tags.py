@@ -32,3 +32,16 @@ def test_templates_render_like_dockers(template: str, tag: str) -> None:
 def test_bad_templates_are_refused(template: str) -> None:
     with pytest.raises(TemplateError):
         compile_template(template)
+
+
+def test_a_label_in_dockers_spelling_and_the_compose_service() -> None:
+    from forwarder.records import ContainerInfo as Info
+
+    container = Info(
+        id="ab" * 32, name="/web-1", labels={"com.docker.compose.service": "web", 'q"k': "v"}
+    )
+    render = compile_template('app.{{index .ContainerLabels "com.docker.compose.service"}}.x')
+    assert render(container) == "app.web.x"
+    assert compile_template('{{ index .ContainerLabels "q\\"k" }}')(container) == "v"
+    # Go's index of a missing key is the empty string.
+    assert compile_template('a.{{index .ContainerLabels "nope"}}')(container) == "a."

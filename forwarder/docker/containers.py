@@ -14,8 +14,9 @@ The rules, in one place:
   is inspected; a running one is followed, and a stopped one too when it finished after the
   horizon (the last run at start-up, else the last event seen), since its last lines would
   otherwise never be read. At start-up, positions of containers that no longer exist go.
-- **Excluded** containers (forwarder's own, or labelled ``exclude_label=true``) are never
-  followed, and their events are not shipped as lifecycle records.
+- **Excluded** containers (forwarder's own, labelled ``exclude_label=true``, or refused by
+  ``[containers]`` include/exclude, :mod:`forwarder.selection`) are never followed, and their
+  events are not shipped as lifecycle records.
 - **Events**: ``start`` of a container not followed follows it (a short-lived one that
   already exited is read all the same); of a followed one, it starts a new *generation*, so
   that its follower carries on even if it sees the container stopped. ``die`` and
@@ -41,6 +42,7 @@ from typing import Any, Literal
 
 from forwarder.docker.lifecycle import event_container, lifecycle_record
 from forwarder.records import ContainerId, ContainerInfo, LifecycleEvent, Position
+from forwarder.selection import Selection
 from forwarder.tuning import EVENTS_REPLAY_NS, source_retry_delays
 
 __all__ = [
@@ -234,6 +236,10 @@ class ContainerTable:
     log_source: LogSourceMode = "api"
     engine_local: bool = True
     """The engine runs on this host: its json-file logs can be on this host's disk."""
+    selection: Selection = field(default_factory=Selection)
+    """``[containers]`` include/exclude (:mod:`forwarder.selection`)."""
+    lifecycle: bool = True
+    """Lifecycle records for the followed containers (``containers.lifecycle``)."""
     following: dict[ContainerId, _Following] = field(default_factory=dict)
     skipped: set[ContainerId] = field(default_factory=set)
     known: dict[ContainerId, ContainerInfo] = field(default_factory=dict)
@@ -258,7 +264,7 @@ class ContainerTable:
         label = self.exclude_label
         if label and container.labels.get(label, "").lower() == "true":
             return f"label {label}=true"
-        return None
+        return self.selection.refused(container)
 
     # --- listing ------------------------------------------------------------------------
 
@@ -413,7 +419,7 @@ class ContainerTable:
         if action in ("die", "destroy"):
             actions.append(Unwatch(cid))
         info = event_container(event, container)
-        if info is not None and self.excluded(info) is None:
+        if info is not None and self.lifecycle and self.excluded(info) is None:
             entry = lifecycle_record(event, info)
             if entry is not None:
                 actions.append(EmitLifecycle(info, *entry))

@@ -41,7 +41,9 @@ from forwarder.docker.engine import ContainerGoneError, Engine, EngineUnavailabl
 from forwarder.docker.filesource import JsonFileLogSource
 from forwarder.docker.follower import LinesSink, run_follower
 from forwarder.docker.logsource import LogSource
+from forwarder.multiline import MultilineRules
 from forwarder.records import ContainerId, ContainerInfo, Position, RecordsSink
+from forwarder.selection import Selection
 from forwarder.tags import compile_template
 from forwarder.timefmt import format_duration, format_time
 from forwarder.tuning import source_retry_delays
@@ -92,6 +94,8 @@ class Discovery:
     """Called after each listing that went through, with the positions it chose for
     containers read from now on (``read_from = "tail"`` on a first start): they are
     where those containers resume, whatever happens next."""
+    on_engine_name: Callable[[str], None] | None = None
+    """Given the engine's name once it is known (asked only when set)."""
     clock_ns: Callable[[], int] = time.time_ns
     retry_delays: Callable[[], Iterator[float]] = source_retry_delays
     """Backoff for the events stream and for each follower (tests wait for nothing)."""
@@ -114,6 +118,7 @@ class Discovery:
         if self.environment.self_container_id:
             self_id = self.environment.self_container_id
         self._events_tag = compile_template(self.config.tags.events)
+        self._multiline = MultilineRules.from_config(self.config, time.monotonic)
         self.table = ContainerTable(
             positions=self.positions,
             first_start=self.first_start,
@@ -124,6 +129,8 @@ class Discovery:
             retry_delays=self.retry_delays,
             log_source=self.config.docker.log_source if self.file_source else "api",
             engine_local=self.config.docker.host.startswith("unix://"),
+            selection=Selection.from_config(self.config.containers),
+            lifecycle=self.config.containers.lifecycle,
         )
 
     @property
@@ -177,6 +184,9 @@ class Discovery:
 
     async def _sync(self, first: bool) -> None:
         """List containers, and follow those the table says to (see ContainerTable)."""
+        if self.on_engine_name is not None:
+            self.on_engine_name(await self.engine.name())
+            self.on_engine_name = None
         now_ns = self.clock_ns()
         ids = await self.engine.list_container_ids(all=True)
         await self._perform(self.table.on_listed(ids, first=first, now_ns=now_ns))
@@ -265,6 +275,7 @@ class Discovery:
                 sink=self.sink,
                 max_line_bytes=self.config.docker.max_line_bytes,
                 stopped=stopped,
+                multiline=self._multiline.joiner,
             ),
             name=f"follow {container.name}",
         )

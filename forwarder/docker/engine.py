@@ -88,6 +88,7 @@ def container_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
         image_id=data.get("Image") or "",
         tty=bool(config.get("Tty")),
         labels=config.get("Labels") or {},
+        env=tuple(config.get("Env") or ()),
         log_driver=(host_config.get("LogConfig") or {}).get("Type") or "",
         log_path=data.get("LogPath") or "",
         started_at_ns=_engine_time(state.get("StartedAt")),
@@ -173,6 +174,11 @@ class Engine:
     async def list_container_ids(self, *, all: bool = False) -> list[ContainerId]:
         items = await self._json("containers/json", {"all": int(all)})
         return [ContainerId(item["Id"]) for item in items]
+
+    async def name(self) -> str:
+        """The engine's name (``docker info``'s Name: the host's name, usually)."""
+        info = await self._json("info", {})
+        return str(info.get("Name") or "")
 
     async def inspect(self, cid: str) -> ContainerInfo:
         return container_from_inspect(await self._json(f"containers/{cid}/json"))

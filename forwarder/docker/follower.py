@@ -11,6 +11,7 @@ decides whether the container is followed again: :mod:`forwarder.docker.containe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -18,7 +19,8 @@ from typing import Protocol
 from forwarder.docker.containers import EndReason, Follow, FollowerEnded
 from forwarder.docker.engine import ContainerGoneError, EngineError, LogsUnsupportedError
 from forwarder.docker.frames import EngineStreamError, PartialJoiner
-from forwarder.docker.logsource import FileMark, LogSource
+from forwarder.docker.logsource import FileMark, LogSource, RawBatch
+from forwarder.multiline import Joiner
 from forwarder.records import ContainerInfo, LogLine, Position
 from forwarder.timefmt import format_since
 
@@ -130,6 +132,34 @@ class FilePlace:
         )
 
 
+class _Intake:
+    """A source's batches to whole new lines (sans-I/O): the joiner, the resume filter and,
+    for a file source, where the file stands (:class:`FilePlace`)."""
+
+    __slots__ = ("joiner", "place", "resume", "start")
+
+    def __init__(self, start: Position | None, max_line_bytes: int, name: str) -> None:
+        self.start = start
+        self.joiner = PartialJoiner(max_line_bytes, _split_warner(name))
+        self.resume = ResumeFilter(start)
+        self.place = FilePlace()
+
+    def take(self, batch: RawBatch) -> list[LogLine]:
+        raw, mark, resumed = batch
+        if resumed and self.start is not None:
+            # At the position's byte: lines are dropped by count, not by time.
+            self.resume = ResumeFilter(None)
+            self.place.resumed(self.start)
+        lines = self.joiner.feed(raw)
+        if mark is not None:
+            lines = self.place.moved(mark, lines, self.joiner.pending_bytes == 0)
+        return self.resume.feed(lines) if self.resume.active else lines
+
+    def flush(self) -> list[LogLine]:
+        lines = self.place.flushed(self.joiner.flush())
+        return self.resume.feed(lines) if self.resume.active else lines
+
+
 async def follow_container(
     container: ContainerInfo,
     source: LogSource,
@@ -141,11 +171,55 @@ async def follow_container(
     max_line_bytes: int,
     on_position: Callable[[Position], None],
     stopped: asyncio.Event | None = None,
+    multiline: Joiner | None = None,
 ) -> None:
     """Read one container's log until the stream ends (the container stopped), handing each
-    batch of lines to ``sink`` together with the position it reaches."""
-    name = container.name
+    batch of lines to ``sink`` together with the position it reaches.
 
+    With ``multiline``, lines go through the joiner first, the position handed on is the one
+    before its earliest pending group, and a pending group is sent after its flush_timeout
+    (the loop wakes up for it)."""
+    if multiline is not None:
+        await _follow_joined(
+            container,
+            source,
+            sink,
+            position=position,
+            since=since,
+            follow=follow,
+            max_line_bytes=max_line_bytes,
+            on_position=on_position,
+            multiline=multiline,
+            stopped=stopped,
+        )
+        return
+    intake = _Intake(position, max_line_bytes, container.name)
+    if position is not None:
+        since = format_since(position.ts_ns)
+    reads = source.read(container, since=since, follow=follow, position=position, stopped=stopped)
+    try:
+        async for batch in reads:
+            lines = intake.take(batch)
+            if lines:
+                ts_position = advance(position, lines)
+                assert ts_position is not None
+                position = intake.place.position(ts_position)
+                await sink(container, lines, position)
+                on_position(position)
+    finally:
+        aclose = getattr(reads, "aclose", None)
+        if aclose is not None:
+            await aclose()  # a file source closes its files at once, even when cancelled
+    lines = intake.flush()
+    if lines:
+        ts_position = advance(position, lines)
+        assert ts_position is not None
+        position = intake.place.position(ts_position)
+        await sink(container, lines, position)
+        on_position(position)
+
+
+def _split_warner(name: str) -> Callable[[str, int], None]:
     def on_split(source_name: str, size: int) -> None:
         log.warning(
             "container %s: a %s line is longer than max_line_bytes; split after %d bytes",
@@ -154,42 +228,70 @@ async def follow_container(
             size,
         )
 
-    joiner = PartialJoiner(max_line_bytes, on_split)
-    resume = ResumeFilter(position)
-    place = FilePlace()
+    return on_split
+
+
+async def _follow_joined(
+    container: ContainerInfo,
+    source: LogSource,
+    sink: LinesSink,
+    *,
+    position: Position | None,
+    since: str | None,
+    follow: bool,
+    max_line_bytes: int,
+    on_position: Callable[[Position], None],
+    multiline: Joiner,
+    stopped: asyncio.Event | None = None,
+) -> None:
+    """The loop of :func:`follow_container` with a multiline joiner. The positions it hands
+    on are (timestamp, count) only: the one before a pending group's first line has no byte
+    offset, so a file source resumes from it by time (it finds the line all the same)."""
+    intake = _Intake(position, max_line_bytes, container.name)
     start = position
     if position is not None:
         since = format_since(position.ts_ns)
-    reads = source.read(container, since=since, follow=follow, position=start, stopped=stopped)
+
+    async def send(records: list[LogLine], safe: Position | None) -> None:
+        if records and safe is not None:
+            await sink(container, records, safe)
+            on_position(safe)
+
+    reads = aiter(
+        source.read(container, since=since, follow=follow, position=start, stopped=stopped)
+    )
+    pending: asyncio.Future[RawBatch] | None = None
     try:
-        async for raw, mark, resumed in reads:
-            if resumed and start is not None:
-                # At the position's byte: lines are dropped by count, not by time.
-                resume = ResumeFilter(None)
-                place.resumed(start)
-            lines = joiner.feed(raw)
-            if mark is not None:
-                lines = place.moved(mark, lines, joiner.pending_bytes == 0)
-            if resume.active:
-                lines = resume.feed(lines)
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(reads))
+            deadline = multiline.deadline()
+            timeout = None if deadline is None else max(0.0, deadline - multiline.clock())
+            done, _ = await asyncio.wait({pending}, timeout=timeout)
+            if not done:
+                await send(*multiline.due())
+                continue
+            task, pending = pending, None
+            try:
+                lines = intake.take(task.result())
+            except StopAsyncIteration:
+                break
             if lines:
-                ts_position = advance(position, lines)
-                assert ts_position is not None
-                position = place.position(ts_position)
-                await sink(container, lines, position)
-                on_position(position)
+                position = advance(position, lines)
+                await send(*multiline.feed(lines, position))
+        lines = intake.flush()
+        if lines:
+            position = advance(position, lines)
+            await send(*multiline.feed(lines, position))
+        await send(*multiline.flush())
     finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
         aclose = getattr(reads, "aclose", None)
         if aclose is not None:
-            await aclose()  # a file source closes its files at once, even when cancelled
-    lines = place.flushed(joiner.flush())
-    lines = resume.feed(lines) if resume.active else lines
-    if lines:
-        ts_position = advance(position, lines)
-        assert ts_position is not None
-        position = place.position(ts_position)
-        await sink(container, lines, position)
-        on_position(position)
+            await aclose()
 
 
 async def run_follower(
@@ -200,6 +302,7 @@ async def run_follower(
     sink: LinesSink,
     max_line_bytes: int,
     stopped: asyncio.Event | None = None,
+    multiline: Callable[[ContainerInfo, Position | None], Joiner | None] | None = None,
 ) -> FollowerEnded:
     """Follow ``start.container`` once through (after ``start.delay_s``): until the stream
     ends, then inspect it to say how it is. Every way it can end is returned, not raised."""
@@ -228,6 +331,7 @@ async def run_follower(
             max_line_bytes=max_line_bytes,
             on_position=on_position,
             stopped=stopped,
+            multiline=multiline(container, start.position) if multiline is not None else None,
         )
         # The stream ended: the container stopped, or the engine went away.
         return ended(EndReason.STOPPED, after=await engine.inspect(container.cid))

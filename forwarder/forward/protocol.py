@@ -18,9 +18,9 @@ from __future__ import annotations
 import enum
 import gzip
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import msgpack
 
@@ -104,43 +104,105 @@ class SendableChunk(Protocol):
 _ENTRY_HEAD = b"\x92\xd7\x00"  # [time, record]: a 2-array, then fixext 8 of type 0 (EventTime)
 
 
+class LogHead(NamedTuple):
+    """What is the same in every log entry of one container, packed once
+    (:func:`log_head`)."""
+
+    head: bytes
+    """The map header, container_id and container_name with their values, the key "source"."""
+    source_and_key: dict[str, bytes]
+    """Per stream: the source value and the key "log"."""
+    log: bytes | None
+    """The packed ``log`` value when an extra key replaces it (a label named "log"), else
+    None: each line's text."""
+    tail: bytes
+    """The extra keys other than the four, with their values."""
+
+
+_BASE_KEYS = ("container_id", "container_name", "source", "log")
+
+
+def log_head(
+    container_id: str, container_name: str, extra: Mapping[str, Any] | None = None
+) -> LogHead:
+    """Pack the constant part of a container's log entries: the driver's four keys, then
+    ``extra`` keys as Docker's fluentd driver adds them: after the four, and replacing the
+    value of one of the four of the same name (the driver sets them last)."""
+    pack = _PACKER.pack
+    extra = extra or {}
+    added = {k: v for k, v in extra.items() if k not in _BASE_KEYS}
+    count = 4 + len(added)
+    if count < 16:
+        header = bytes([0x80 | count])
+    elif count < 0x10000:
+        header = b"\xde" + count.to_bytes(2, "big")
+    else:
+        header = b"\xdf" + count.to_bytes(4, "big")
+    head = (
+        header
+        + pack("container_id")
+        + pack(extra.get("container_id", container_id))
+        + pack("container_name")
+        + pack(extra.get("container_name", container_name))
+        + pack("source")
+    )
+    source_and_key = {
+        name: pack(extra.get("source", name)) + pack("log") for name in ("stdout", "stderr")
+    }
+    log = pack(extra["log"]) if "log" in extra else None
+    tail = b"".join(pack(k) + pack(v) for k, v in added.items())
+    return LogHead(head, source_and_key, log, tail)
+
+
 def encode_log_entries(
-    container_id: str, container_name: str, lines: Sequence[LogLineLike]
+    container_id: str,
+    container_name: str,
+    lines: Sequence[LogLineLike],
+    extra: Mapping[str, Any] | None = None,
+    *,
+    head: LogHead | None = None,
 ) -> bytes:
     """Concatenated log entries with exactly the keys Docker's fluentd driver sends, in
-    :class:`~forwarder.records.LogEvent`'s order.
+    :class:`~forwarder.records.LogEvent`'s order, then the ``extra`` keys (see
+    :func:`log_head`; a caller that sends many batches passes the ``head`` it packed once).
 
     Everything but the time, the source and the text is the same for every line of a batch,
     so it is packed once; per line there is one ``struct`` call and one msgpack call (both
     in C), and the parts are joined once.
     """
+    if head is None:
+        head = log_head(container_id, container_name, extra)
     pack = _PACKER.pack
-    head = (
-        b"\x84"
-        + pack("container_id")
-        + pack(container_id)
-        + pack("container_name")
-        + pack(container_name)
-        + pack("source")
-    )
-    source_and_key = {
-        "stdout": pack("stdout") + pack("log"),
-        "stderr": pack("stderr") + pack("log"),
-    }
+    prefix = head.head
+    source_and_key = head.source_and_key
     pack_time = _EVENT_TIME.pack
     billion = 1_000_000_000
     parts: list[bytes] = []
     extend = parts.extend
-    for line in lines:
-        extend(
-            (
-                _ENTRY_HEAD,
-                pack_time(*divmod(line.ts_ns, billion)),
-                head,
-                source_and_key[line.source],
-                pack(line.text),
+    if head.log is None and not head.tail:
+        for line in lines:
+            extend(
+                (
+                    _ENTRY_HEAD,
+                    pack_time(*divmod(line.ts_ns, billion)),
+                    prefix,
+                    source_and_key[line.source],
+                    pack(line.text),
+                )
             )
-        )
+    else:
+        log, tail = head.log, head.tail
+        for line in lines:
+            extend(
+                (
+                    _ENTRY_HEAD,
+                    pack_time(*divmod(line.ts_ns, billion)),
+                    prefix,
+                    source_and_key[line.source],
+                    pack(line.text) if log is None else log,
+                    tail,
+                )
+            )
     return b"".join(parts)
 
 
