@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from forwarder.docker.discovery import self_container_id
 from forwarder.docker.follower import ResumeFilter, advance, follow_container
 from forwarder.docker.frames import PIECE_BYTES
 from forwarder.docker.logsource import RawBatch
+from forwarder.multiline import PRESETS, Joiner, Limits
 from forwarder.records import ContainerInfo, LogLine, Position, RawLine
 
 
@@ -113,3 +115,39 @@ def test_a_long_line_is_logged_once_not_once_per_piece(caplog: pytest.LogCapture
     assert warnings == [
         "container /web: a stdout line is longer than max_line_bytes; split after 1048576 bytes"
     ]
+
+
+def test_records_before_a_group_pending_since_the_first_line_are_sent_not_dropped() -> None:
+    """A whole trace in one read, the log's first lines: the joiner gives the single lines
+    before the trace's group with no position yet to commit (the group is pending since
+    before any). They wait for the next position; none is lost."""
+    trace = (Path(__file__).parent / "data" / "multiline" / "java.log").read_text().splitlines()
+    # As a container wrote it (tests/test_e2e_shaping.py): ten lines of the trace, a stdout
+    # line, the rest of the trace, all in the log's first read.
+    raw = [RawLine("stderr", 1_000 + i, text.encode(), False) for i, text in enumerate(trace)]
+    raw.insert(10, RawLine("stdout", 1_010, b"between", False))
+    got: list[LogLine] = []
+    positions: list[Position] = []
+
+    async def sink(_container: ContainerInfo, lines: list[LogLine], position: Position) -> None:
+        got.extend(lines)
+        positions.append(position)
+
+    async def main() -> None:
+        await follow_container(
+            ContainerInfo(id="ab" * 32, name="/web"),
+            PiecesSource(raw),
+            sink,
+            position=None,
+            since=None,
+            follow=False,
+            max_line_bytes=1 << 20,
+            on_position=lambda _position: None,
+            multiline=Joiner(PRESETS["java"], Limits(), None, time.monotonic),
+        )
+
+    asyncio.run(main())
+    assert sorted(line.text for line in got) == sorted(
+        [trace[0], trace[1], "between", "\n".join(trace[2:19]), trace[19]]
+    )
+    assert positions[-1] == Position(1_000 + len(trace) - 1, 1)

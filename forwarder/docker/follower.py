@@ -252,9 +252,16 @@ async def _follow_joined(
     if position is not None:
         since = format_since(position.ts_ns)
 
+    held: list[LogLine] = []
+
     async def send(records: list[LogLine], safe: Position | None) -> None:
-        if records and safe is not None:
-            await sink(container, records, safe)
+        # Records whose safe position is not known yet (a group pending since before the
+        # first position) wait for the next one: sent late, never dropped.
+        held.extend(records)
+        if held and safe is not None:
+            batch = held[:]
+            held.clear()
+            await sink(container, batch, safe)
             on_position(safe)
 
     reads = aiter(
