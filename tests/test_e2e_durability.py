@@ -402,10 +402,12 @@ def test_sigterm_with_no_server_exits_once_everything_is_on_disk(
     wait_until(
         lambda: "following from" in collector.log(),
         timeout=30,
-        what="the collector to follow the container again",
+        what=lambda: "the collector to follow the container again: " + collector.log()[-3000:],
     )
     (following,) = [line for line in collector.log().splitlines() if "following from" in line]
-    assert re.search(r"following from \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{9})?Z$", following)
+    assert re.search(
+        r"following from \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{9})?Z \((file \S+|api)\)$", following
+    )
 
 
 def test_a_container_that_lived_while_the_collector_was_down(
