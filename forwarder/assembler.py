@@ -54,6 +54,7 @@ class ChunkAssembler:
         self._added = asyncio.Event()
         self._clock = time.monotonic
         self.records_in: dict[RecordKind, int] = {"log": 0, "stats": 0, "lifecycle": 0}
+        self.bytes_in: dict[RecordKind, int] = {"log": 0, "stats": 0, "lifecycle": 0}
 
     def log_tag(self, container: ContainerInfo) -> str:
         tag = self._tags.get(container.cid)
@@ -107,6 +108,7 @@ class ChunkAssembler:
         position: tuple[ContainerId, Position] | None,
         kind: RecordKind,
     ) -> None:
+        self.bytes_in[kind] += len(entries)
         sealed = self.chunker.add(tag, entries, count, self._clock(), position, kind)
         self._added.set()
         await self._put(sealed)

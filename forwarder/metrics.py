@@ -18,10 +18,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from forwarder.forward.balance import ServerState
+from forwarder.forward.output import ACK_RTT_BUCKETS_S
 from forwarder.records import RecordKind
 
 if TYPE_CHECKING:
@@ -33,7 +39,7 @@ KINDS: tuple[RecordKind, ...] = ("log", "stats", "lifecycle")
 @dataclass(frozen=True)
 class MetricDef:
     name: str
-    type: Literal["counter", "gauge"]
+    type: Literal["counter", "gauge", "histogram"]
     labels: tuple[str, ...]
     help: str
 
@@ -50,6 +56,20 @@ METRICS: tuple[MetricDef, ...] = (
         "counter",
         ("kind",),
         "Records delivered (acked by a server, or printed in stdout mode), by kind.",
+    ),
+    MetricDef(
+        "forwarder_record_bytes_total",
+        "counter",
+        ("kind",),
+        "Bytes of the records read, by kind, as encoded for the wire (MessagePack entries, "
+        "before compression).",
+    ),
+    MetricDef(
+        "forwarder_delivered_bytes_total",
+        "counter",
+        ("kind",),
+        "Bytes of the chunks delivered, by kind: their PackedForward messages as sent (the "
+        'entries, gzip-compressed with [output] compress = "gzip", with the tag and options).',
     ),
     MetricDef(
         "forwarder_chunks_sent_total",
@@ -121,6 +141,32 @@ METRICS: tuple[MetricDef, ...] = (
         "Chunks acked by each server.",
     ),
     MetricDef(
+        "forwarder_server_failures_total",
+        "counter",
+        ("server", "reason"),
+        "Failures of each server, one per connection however many chunks were in flight, by "
+        "reason: connect, tls_handshake, handshake (the Forward handshake: shared key, user), "
+        "connection_lost, ack_timeout, protocol.",
+    ),
+    MetricDef(
+        "forwarder_server_connections_total",
+        "counter",
+        ("server",),
+        "Connections to each server that completed TCP, TLS and the handshake.",
+    ),
+    MetricDef(
+        "forwarder_server_connected",
+        "gauge",
+        ("server",),
+        "1 while a connection to the server is open.",
+    ),
+    MetricDef(
+        "forwarder_server_ack_rtt_seconds",
+        "histogram",
+        ("server",),
+        "Time from sending a chunk to its ack, per chunk acked.",
+    ),
+    MetricDef(
         "forwarder_delivery_lag_seconds",
         "gauge",
         (),
@@ -168,12 +214,27 @@ METRICS: tuple[MetricDef, ...] = (
 _BY_NAME = {m.name: m for m in METRICS}
 
 
-def _family(name: str) -> CounterMetricFamily | GaugeMetricFamily:
+_Family = CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
+_Histogram = tuple[list[int], float]
+"""Counts per bucket of ACK_RTT_BUCKETS_S then +Inf (not cumulative), and the sum."""
+
+
+def _family(name: str) -> _Family:
     definition = _BY_NAME[name]
     labels = list(definition.labels)
     if definition.type == "counter":
         return CounterMetricFamily(name, definition.help, labels=labels)
+    if definition.type == "histogram":
+        return HistogramMetricFamily(name, definition.help, labels=labels)
     return GaugeMetricFamily(name, definition.help, labels=labels)
+
+
+def _buckets(counts: list[int]) -> list[tuple[str, float]]:
+    out, total = [], 0
+    for bound, count in zip([*map(str, ACK_RTT_BUCKETS_S), "+Inf"], counts, strict=True):
+        total += count
+        out.append((bound, float(total)))
+    return out
 
 
 class PipelineMetrics(Collector):
@@ -187,11 +248,26 @@ class PipelineMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         values = self._values()
+        histograms = self._histograms()
         for definition in METRICS:
             family = _family(definition.name)
-            for labels, value in values.get(definition.name, []):
-                family.add_metric(list(labels), value)
+            if isinstance(family, HistogramMetricFamily):
+                for labels, (counts, sum_s) in histograms.get(definition.name, []):
+                    family.add_metric(list(labels), _buckets(counts), sum_s)
+            else:
+                for labels, value in values.get(definition.name, []):
+                    family.add_metric(list(labels), value)
             yield family
+
+    def _histograms(self) -> dict[str, list[tuple[tuple[str, ...], _Histogram]]]:
+        servers = getattr(self.pipeline.output, "servers", None)
+        if servers is None:
+            return {}
+        return {
+            "forwarder_server_ack_rtt_seconds": [
+                ((s.name,), (s.ack_rtt_counts, s.ack_rtt_sum_s)) for s in servers
+            ]
+        }
 
     def _values(self) -> dict[str, list[tuple[tuple[str, ...], float]]]:
         p = self.pipeline
@@ -200,6 +276,8 @@ class PipelineMetrics(Collector):
         out: dict[str, list[tuple[tuple[str, ...], float]]] = {
             "forwarder_records_read_total": [((k,), read[k]) for k in KINDS],
             "forwarder_records_delivered_total": [((k,), delivered[k]) for k in KINDS],
+            "forwarder_record_bytes_total": [((k,), p.assembler.bytes_in[k]) for k in KINDS],
+            "forwarder_delivered_bytes_total": [((k,), p.delivered_bytes[k]) for k in KINDS],
             "forwarder_chunks_delivered_total": [((), p.chunks_delivered)],
             "forwarder_chunks_dropped_total": [((), buffer.dropped_chunks)],
             "forwarder_records_dropped_total": [((), buffer.dropped_records)],
@@ -238,6 +316,15 @@ class PipelineMetrics(Collector):
             ]
             out["forwarder_server_chunks_delivered_total"] = [
                 ((s.name,), s.chunks_delivered) for s in servers
+            ]
+            out["forwarder_server_failures_total"] = [
+                ((s.name, reason), count) for s in servers for reason, count in s.failures.items()
+            ]
+            out["forwarder_server_connections_total"] = [
+                ((s.name,), s.connection.generation) for s in servers
+            ]
+            out["forwarder_server_connected"] = [
+                ((s.name,), float(s.connection.is_open)) for s in servers
             ]
         else:  # stdout mode: every chunk goes once
             out["forwarder_chunks_sent_total"] = [((), p.chunks_delivered)]

@@ -108,6 +108,7 @@ class Pipeline:
             self.output = self.forward_output(config)
         self.chunks_delivered = 0
         self.delivered: dict[RecordKind, int] = {"log": 0, "stats": 0, "lifecycle": 0}
+        self.delivered_bytes: dict[RecordKind, int] = {"log": 0, "stats": 0, "lifecycle": 0}
         # The newest log record delivered (engine time), and how far behind it was then.
         self.newest_delivered_ns = 0
         self.delivery_lag_s: float | None = None
@@ -125,7 +126,9 @@ class Pipeline:
 
     async def _delivered(self, chunk: Chunk) -> None:
         self.chunks_delivered += 1
-        self.delivered[chunk.kind or kind_of_payload(chunk.payload)] += chunk.count
+        kind = chunk.kind or kind_of_payload(chunk.payload)
+        self.delivered[kind] += chunk.count
+        self.delivered_bytes[kind] += chunk.size
         if chunk.positions:
             newest = max(position.ts_ns for position in chunk.positions.values())
             self.delivery_lag_s = max(0.0, (time.time_ns() - newest) / 1e9)

@@ -23,10 +23,11 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder.docker.frames import Demuxer
+from tests.harness.certs import make_pki
 from tests.harness.collector import CollectorProcess
 from tests.harness.engine import Engine
 from tests.harness.polling import wait_until
-from tests.harness.receivers import ForwardReceiver
+from tests.harness.receivers import ForwardReceiver, server_tls_context
 
 MakeCollector = Callable[..., CollectorProcess]
 
@@ -96,8 +97,58 @@ def test_metrics_count_exactly_what_the_receiver_got(
     assert samples[("forwarder_followers", (("source", "api"),))] == 1
     assert ("forwarder_buffer_bytes", (("tier", "disk"),)) in samples
     assert samples[("forwarder_delivery_lag_seconds", ())] >= 0
+    # bytes: every log record made was delivered, as made (no compression), each chunk's
+    # PackedForward message adding its tag, framing and options
+    log_bytes = samples[("forwarder_record_bytes_total", (("kind", "log"),))]
+    framing = samples[("forwarder_delivered_bytes_total", (("kind", "log"),))] - log_bytes
+    assert 0 < framing <= 128 * forward_receiver.chunks_received
+    assert log_bytes > 3000 * len(cid)  # each line carries the container's id
+    # per server: one connection, an ack time for each chunk, no failure
+    name = (("server", f"tcp://{server}"),)
+    assert samples[("forwarder_server_connections_total", name)] == 1
+    assert samples[("forwarder_server_connected", name)] == 1
+    rtt_count = samples[("forwarder_server_ack_rtt_seconds_count", name)]
+    assert rtt_count == forward_receiver.chunks_received
+    inf = (("le", "+Inf"), *name)
+    assert samples[("forwarder_server_ack_rtt_seconds_bucket", inf)] == rtt_count
+    assert samples[("forwarder_server_ack_rtt_seconds_sum", name)] > 0
+    assert not [key for key in samples if key[0] == "forwarder_server_failures_total"]
     assert get(address, "/healthz") == (200, '{"status": "ok"}\n')
     assert get(address, "/readyz") == (200, '{"status": "ok"}\n')
+
+
+def test_server_failures_are_counted_by_reason(
+    engine: Engine,
+    make_forward_receiver: Callable[..., ForwardReceiver],
+    make_collector: MakeCollector,
+    tmp_path: Path,
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    untrusted = make_forward_receiver(
+        tls=server_tls_context(pki.other_server.cert, pki.other_server.key)
+    )
+    plain = make_forward_receiver()
+    address = f"127.0.0.1:{free_port()}"
+    engine.run("sh", "-c", "seq 1 20; sleep 600")
+    collector = make_collector(
+        f"tls://localhost:{untrusted.port}",
+        service={"http_listen": address},
+        output={"servers": [f"tls://localhost:{untrusted.port}", plain.address]},
+        **{"output.tls": {"ca_file": str(pki.ca.cert)}},
+    )
+    tls_failures = (
+        "forwarder_server_failures_total",
+        (("reason", "tls_handshake"), ("server", f"tls://localhost:{untrusted.port}")),
+    )
+    wait_until(
+        lambda: scrape(address).get(tls_failures, 0) >= 1,
+        timeout=30,
+        what=lambda: f"a TLS failure: {collector.log()[-1500:]}",
+    )
+    samples = scrape(address)
+    failures = {key: v for key, v in samples.items() if key[0] == tls_failures[0]}
+    assert set(failures) == {tls_failures}, failures
+    plain.wait_for(20, timeout=30)
 
 
 def test_readyz_fails_while_the_only_server_is_down_and_healthz_holds(

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -136,3 +138,15 @@ def test_a_taken_address_is_logged_naming_the_key_and_bound_once_free(
     assert "[service] http_listen" in errors[0].getMessage()
     assert address in errors[0].getMessage()
     assert f"listening on {address} now" in caplog.text
+
+
+def test_every_metric_the_readme_panels_name_is_defined() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- promql:begin -->")[1].split("<!-- promql:end -->")[0]
+    named = set(re.findall(r"\bforwarder_[a-z_]+", block))
+    defined = {m.name for m in METRICS}
+    histograms = {m.name for m in METRICS if m.type == "histogram"}
+    for name in named:
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in defined or base in histograms, f"{name} is not in forwarder.metrics"
+    assert len(named) >= 10

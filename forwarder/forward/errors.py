@@ -36,18 +36,22 @@ class DeliveryError(Exception):
     Messages never hold a secret: the handshake's errors are built without them."""
 
     kind: ClassVar[FailureKind] = FailureKind.BROKEN
+    reason: ClassVar[str] = "other"
+    """Its label in forwarder_server_failures_total."""
 
 
 class ConnectError(DeliveryError):
     """No TCP connection: refused, unreachable, timed out."""
 
     kind = FailureKind.UNREACHABLE
+    reason = "connect"
 
 
 class TLSHandshakeError(DeliveryError):
     """The TLS handshake failed: an untrusted certificate, a wrong name, no common version."""
 
     kind = FailureKind.REFUSED
+    reason = "tls_handshake"
 
 
 class AuthError(DeliveryError):
@@ -55,15 +59,22 @@ class AuthError(DeliveryError):
     server and a configuration that disagree about whether there is a handshake at all."""
 
     kind = FailureKind.REFUSED
+    reason = "handshake"
 
 
 class ConnectionLostError(DeliveryError):
     """The server closed or reset the connection."""
 
+    reason = "connection_lost"
+
 
 class AckTimeoutError(DeliveryError):
     """No ack within ack_timeout."""
 
+    reason = "ack_timeout"
+
 
 class ServerProtocolError(DeliveryError):
     """The server sent something that isn't the Forward protocol."""
+
+    reason = "protocol"

@@ -12,6 +12,7 @@ its kind (:mod:`~forwarder.forward.errors`).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import random
@@ -90,6 +91,10 @@ def forward_connections(
     return connect
 
 
+ACK_RTT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds of forwarder_server_ack_rtt_seconds's buckets."""
+
+
 @dataclass(eq=False)
 class Server:
     """One configured server: its connection, its health and its counters."""
@@ -105,6 +110,13 @@ class Server:
     """The connection whose failure was last counted."""
     heartbeat: asyncio.Task[None] | None = field(default=None, repr=False)
     last_error: str | None = field(default=None, repr=False)
+    failures: dict[str, int] = field(default_factory=dict, repr=False)
+    """Failures counted (one per connection), by :attr:`DeliveryError.reason`."""
+    ack_rtt_counts: list[int] = field(
+        default_factory=lambda: [0] * (len(ACK_RTT_BUCKETS_S) + 1), repr=False
+    )
+    """Acks by round-trip time (send to ack), per bucket of ACK_RTT_BUCKETS_S, then +Inf."""
+    ack_rtt_sum_s: float = 0.0
 
     @property
     def name(self) -> str:
@@ -301,6 +313,9 @@ class ForwardOutput:
             return
         server.ack_tasks.discard(this)
         self._held.pop(chunk.chunk_id, None)
+        rtt_s = asyncio.get_running_loop().time() - (deadline - self._ack_timeout_s)
+        server.ack_rtt_counts[bisect.bisect_left(ACK_RTT_BUCKETS_S, rtt_s)] += 1
+        server.ack_rtt_sum_s += rtt_s
         self._succeeded(server)
         self._wake.set()
         if not server.connection.keepalive and not server.ack_tasks:
@@ -406,6 +421,7 @@ class ForwardOutput:
     # --- health ---------------------------------------------------------------------------
 
     def _failed(self, server: Server, exc: DeliveryError) -> None:
+        server.failures[exc.reason] = server.failures.get(exc.reason, 0) + 1
         now = self._clock()
         was_up = server.health.state is ServerState.UP
         delay = server.health.failed(exc.kind, now)
