@@ -17,7 +17,7 @@ from typing import Protocol
 
 from forwarder.docker.containers import EndReason, Follow, FollowerEnded
 from forwarder.docker.engine import ContainerGoneError, EngineError, LogsUnsupportedError
-from forwarder.docker.frames import EngineStreamError, PartialJoiner
+from forwarder.docker.frames import PIECE_BYTES, EngineStreamError, PartialJoiner
 from forwarder.docker.logsource import FileMark, LogSource
 from forwarder.records import ContainerInfo, LogLine, Position
 from forwarder.timefmt import format_since
@@ -141,9 +141,11 @@ async def follow_container(
     max_line_bytes: int,
     on_position: Callable[[Position], None],
     stopped: asyncio.Event | None = None,
+    piece_bytes: int = PIECE_BYTES,
 ) -> None:
     """Read one container's log until the stream ends (the container stopped), handing each
-    batch of lines to ``sink`` together with the position it reaches."""
+    batch of lines to ``sink`` together with the position it reaches. ``piece_bytes`` is the
+    joiner's (0: a partial piece always continues, as in the CRI format)."""
     name = container.name
 
     def on_split(source_name: str, size: int) -> None:
@@ -154,7 +156,7 @@ async def follow_container(
             size,
         )
 
-    joiner = PartialJoiner(max_line_bytes, on_split)
+    joiner = PartialJoiner(max_line_bytes, on_split, piece_bytes=piece_bytes)
     resume = ResumeFilter(position)
     place = FilePlace()
     start = position
