@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from forwarder import tuning
@@ -91,6 +92,23 @@ class ChunkAssembler:
             entries = encode_log_entries(container.id, container.name, part, head=head)
             await self._add(tag, entries, len(part), (container.cid, part_position), "log")
 
+    async def add_mapped_lines(
+        self,
+        cid: ContainerId,
+        tag: str,
+        lines: list[LogLine],
+        position: Position,
+        to_record: Callable[[LogLine], dict[str, Any]],
+    ) -> None:
+        """Log lines whose records ``to_record`` makes (a source with its own record shape,
+        such as the Kubernetes one), each part of the batch with the position it reaches."""
+        self.records_in["log"] += len(lines)
+        limit = self.config.output.chunk_limit
+        overhead = len(repr(to_record(LogLine("stdout", 0, "")))) + ENTRY_OVERHEAD_BYTES
+        for part, part_position in split_lines(lines, position, limit, overhead):
+            entries = encode_entries([(line.ts_ns, to_record(line)) for line in part])
+            await self._add(tag, entries, len(part), (cid, part_position), "log")
+
     async def add_stats(self, tag: str, records: list[tuple[int, dict[str, Any]]]) -> None:
         await self.add_records(tag, records, "stats")
 
@@ -155,6 +173,13 @@ def split_batch(
     its last nanosecond ignores earlier parts, so it can only be lower: a resume from it
     repeats a line rather than skipping one."""
     overhead = ENTRY_OVERHEAD_BYTES + len(container.id) + len(container.name) + extra_bytes
+    return split_lines(lines, position, limit, overhead)
+
+
+def split_lines(
+    lines: list[LogLine], position: Position, limit: int, overhead: int
+) -> list[tuple[list[LogLine], Position]]:
+    """:func:`split_batch` with the bytes each entry takes besides its text."""
     if len(lines) * overhead + sum(len(line.text) for line in lines) <= limit:
         return [(lines, position)]
     parts: list[tuple[list[LogLine], Position]] = []

@@ -198,6 +198,11 @@ def _default_docker_host() -> str:
 
 
 class DockerConfig(_Section):
+    enabled: bool = Field(
+        default=True,
+        description="Follow the containers of a Docker Engine; false on nodes without one "
+        "(containerd or CRI-O Kubernetes nodes, read through [kubernetes]).",
+    )
     host: str = Field(
         default_factory=_default_docker_host,
         description="The Docker Engine API address: unix:///path, tcp://host:port. "
@@ -410,6 +415,50 @@ class MultilineRule(_Section):
         if self.preset is None and not custom:
             raise ValueError("set preset, or start_pattern and/or continue_pattern")
         return self
+
+
+class KubernetesConfig(_Section):
+    enabled: bool = Field(
+        default=False,
+        description="Follow the CRI log files the kubelet's runtime (containerd, CRI-O) writes "
+        "under pods_dir: on Kubernetes nodes without Docker Engine.",
+    )
+    pods_dir: str = Field(
+        default="/var/log/pods",
+        description="Where the kubelet's pod log directories are (mounted read-only): "
+        "<namespace>_<pod>_<uid>/<container>/<restart>.log.",
+    )
+    containers_dir: str = Field(
+        default="/var/log/containers",
+        description="The kubelet's links <pod>_<namespace>_<container>-<container id>.log; "
+        "a log is followed once its link names its container id.",
+    )
+    metadata: Literal["path", "api"] = Field(
+        default="path",
+        description='"path": the kubernetes map (namespace_name, pod_name, pod_id, '
+        'container_name, container_id, restart_count) from the file path alone. "api" (pod '
+        "labels and annotations from the API server) is not implemented yet and is refused.",
+    )
+    node_name: str = Field(
+        default="",
+        description="This node's name, for the API server watch of its pods (metadata = "
+        '"api"): "${NODE_NAME}", with NODE_NAME set from the downward API (spec.nodeName).',
+    )
+    max_line_bytes: Annotated[Size, _bounds("1KiB", "64MiB")] = Field(
+        default=_size_default("1MiB"),
+        description="The longest line, after joining the P pieces of a stream. A longer line "
+        "is split at this size, and the log says so. 1KiB to 64MiB.",
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, value: str) -> str:
+        if value == "api":
+            raise ValueError(
+                'metadata = "api" (pod labels and annotations from the API server) is not '
+                'implemented yet; use "path"'
+            )
+        return value
 
 
 class ServerConfig(_Section):
@@ -676,6 +725,14 @@ class TagsConfig(_Section):
     events: str = Field(
         default="docker.events.{{.Name}}", description="Tag of lifecycle event records."
     )
+    kubernetes: str = Field(
+        default="kubernetes.var.log.containers.{{.PodName}}_{{.Namespace}}_{{.ContainerName}}-"
+        "{{.ContainerID}}.log",
+        description="Tag of the log records of [kubernetes]: {{.PodName}} {{.Namespace}} "
+        "{{.PodID}} {{.ContainerName}} {{.ContainerID}} {{.RestartCount}}. The default is "
+        "the tag in_tail gives a line of /var/log/containers/<pod>_<namespace>_<container>-"
+        "<id>.log with tag kubernetes.*.",
+    )
 
     @field_validator("logs", "stats", "events")
     @classmethod
@@ -683,6 +740,14 @@ class TagsConfig(_Section):
         from forwarder.tags import compile_template
 
         compile_template(value)
+        return value
+
+    @field_validator("kubernetes")
+    @classmethod
+    def _check_kubernetes_template(cls, value: str) -> str:
+        from forwarder.kubernetes.metadata import compile_tag
+
+        compile_tag(value)
         return value
 
 
@@ -776,6 +841,7 @@ class ServiceConfig(_Section):
 
 class Config(_Section):
     docker: DockerConfig = Field(default_factory=DockerConfig)
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     tags: TagsConfig = Field(default_factory=TagsConfig)

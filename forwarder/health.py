@@ -44,8 +44,10 @@ def liveness(pipeline: Pipeline) -> Verdict:
 
 def readiness(pipeline: Pipeline) -> Verdict:
     reasons = []
-    if not pipeline.discovery.events_up:
+    if pipeline.config.docker.enabled and not pipeline.discovery.events_up:
         reasons.append("docker engine: containers not listed or events stream not up")
+    if pipeline.kubernetes is not None and not pipeline.kubernetes.listed:
+        reasons.append("kubernetes: the pods directory is not listed yet")
     config = pipeline.config
     servers = getattr(pipeline.output, "servers", None)
     if config.output.require_ack and servers is not None:

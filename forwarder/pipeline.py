@@ -27,6 +27,7 @@ from forwarder.docker.logsource import EngineLogSource
 from forwarder.docker.stats_poller import CgroupPlace, StatsPoller
 from forwarder.forward.output import ForwardOutput
 from forwarder.forward.setup import handshake_factory
+from forwarder.kubernetes.source import KubernetesSource
 from forwarder.metadata import needs_host
 from forwarder.outputs import Output, StdoutOutput
 from forwarder.records import ContainerId, ContainerInfo, Position, RecordKind
@@ -101,6 +102,18 @@ class Pipeline:
             on_listed=self._on_listed,
             on_engine_name=self.assembler.set_host if needs_host(config.records) else None,
         )
+        self.kubernetes: KubernetesSource | None = None
+        if config.kubernetes.enabled:
+            k8s = config.kubernetes
+            self.kubernetes = KubernetesSource(
+                pods_dir=Path(k8s.pods_dir),
+                containers_dir=Path(k8s.containers_dir),
+                tag=config.tags.kubernetes,
+                max_line_bytes=k8s.max_line_bytes,
+                sink=self.assembler.add_mapped_lines,
+                positions=dict(committed),
+                on_gone=self._on_gone,
+            )
         self.output: Output
         if config.output.mode == "stdout":
             self.output = StdoutOutput(self.buffer, self._delivered, stdout or sys.stdout)
@@ -225,13 +238,19 @@ class Pipeline:
         self._output_task = spawn(self.output.run(), name="output")
         self._flusher_task = spawn(self.assembler.run_flusher(), name="flusher")
         self._checkpoint_task = spawn(self.checkpointer.run(), name="checkpointer")
-        self._discovery_task = spawn(self.discovery.run(), name="discovery")
+        self._discovery_task = spawn(
+            self.discovery.run() if self.config.docker.enabled else _idle(), name="discovery"
+        )
         self._tasks = [
             self._output_task,
             self._flusher_task,
             self._checkpoint_task,
             self._discovery_task,
         ]
+        self._kubernetes_task: asyncio.Task[None] | None = None
+        if self.kubernetes is not None:
+            self._kubernetes_task = spawn(self.kubernetes.run(), name="kubernetes")
+            self._tasks.append(self._kubernetes_task)
 
     def tasks(self) -> list[asyncio.Task[None]]:
         """The tasks that run for the pipeline's life (liveness looks at them)."""
@@ -283,6 +302,8 @@ class Pipeline:
         would put nothing more at safety."""
         deadline = time.monotonic() + timeout_s
         await _cancel(self._discovery_task)
+        if self._kubernetes_task is not None:
+            await _cancel(self._kubernetes_task)
         if self.stats is not None:
             await self.stats.aclose()
         await _cancel(self._flusher_task)
@@ -315,6 +336,11 @@ class Pipeline:
             log.error("can't save positions to %s: %s", self.store.path, exc)
         await self.engine.aclose()
         return delivered_all
+
+
+async def _idle() -> None:
+    """In place of Docker discovery when [docker] enabled = false."""
+    await asyncio.Event().wait()
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

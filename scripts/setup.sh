@@ -20,6 +20,11 @@ command -v docker >/dev/null 2>&1 || need+=(docker.io)
 if [ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null)" != "install ok installed" ]; then
     need+=(busybox-static)
 fi
+# podman + conmon write the CRI log format for the Kubernetes source's tests (runc: crun
+# refuses hybrid cgroup hosts).
+command -v podman >/dev/null 2>&1 || need+=(podman)
+command -v conmon >/dev/null 2>&1 || need+=(conmon)
+command -v runc >/dev/null 2>&1 || need+=(runc)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)

@@ -26,6 +26,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 from forwarder.docker.jsonfile import Garbled, JsonFileParser
 from forwarder.docker.logsource import FileMark, RawBatch
@@ -37,6 +38,7 @@ from forwarder.tail import (
     FileTailer,
     Gap,
     JsonFileNaming,
+    Naming,
     Opened,
     TailPosition,
     Watcher,
@@ -47,6 +49,22 @@ log = logging.getLogger(__name__)
 
 READ_BUDGET_BYTES = 1 << 20
 """Read at most this much of a file before handing the lines on (and letting others run)."""
+
+
+class ParsedBlock(Protocol):
+    @property
+    def lines(self) -> list[RawLine]: ...
+    @property
+    def end_offset(self) -> int: ...
+    @property
+    def garbled(self) -> Sequence[Garbled]: ...
+
+
+class LineParser(Protocol):
+    """A sans-I/O parser of a log file format: blocks in, raw lines out."""
+
+    def feed(self, data: bytes) -> ParsedBlock: ...
+    def flush(self) -> ParsedBlock: ...
 
 
 def log_file_path(log_path: str, containers_dir: str) -> Path:
@@ -80,6 +98,13 @@ class JsonFileLogSource:
     def path_of(self, container: ContainerInfo) -> Path:
         return log_file_path(container.log_path, self.containers_dir)
 
+    def naming(self, name: str) -> Naming:
+        """Which files of the directory are the chain of the current file ``name``."""
+        return JsonFileNaming(name)
+
+    def _reader(self, container: ContainerInfo, position: Position | None) -> _Reader:
+        return _Reader(self, container, position)
+
     def readable(self, container: ContainerInfo) -> bool:
         """Its log file can be opened from here (I/O: for discovery to tell the table)."""
         return bool(container.log_path) and os.access(self.path_of(container), os.R_OK)
@@ -94,9 +119,9 @@ class JsonFileLogSource:
         stopped: asyncio.Event | None,
     ) -> AsyncIterator[RawBatch]:
         del since  # the follower drops lines by the position's time, which is since's
-        reader = _Reader(self, container, position)
+        reader = self._reader(container, position)
         path = self.path_of(container)
-        tailer = FileTailer(path.parent, JsonFileNaming(path.name), _tail_position(position))
+        tailer = FileTailer(path.parent, self.naming(path.name), _tail_position(position))
         watcher: Watcher | None = None
         try:
             while True:
@@ -143,12 +168,17 @@ class _Reader:
         self.source = source
         self.container = container
         self.position = position
-        self.parser = JsonFileParser(tty=container.tty)
+        self.parser = self.new_parser(0)
         self.ref: FileRef | None = None
         self.name = ""
         self.started = False
         self.last_ts_ns = position.ts_ns if position is not None else None
         self.gap_after: int | bool | None = False  # False: no gap pending
+
+    format_name = "the engine's json-file format"
+
+    def new_parser(self, offset: int) -> LineParser:
+        return JsonFileParser(offset, tty=self.container.tty)
 
     def take(self, events: Sequence[object], tailer: FileTailer) -> list[RawBatch]:
         batches: list[RawBatch] = []
@@ -169,7 +199,7 @@ class _Reader:
                     resumed = (
                         tp is not None and event.ref.same_file(tp.ref) and event.offset == tp.offset
                     )
-                self.parser = JsonFileParser(event.offset, tty=self.container.tty)
+                self.parser = self.new_parser(event.offset)
                 self.ref, self.name = event.ref, event.name
                 if resumed:
                     batches.append(RawBatch([], self._mark(tailer, event.offset), resumed=True))
@@ -214,14 +244,14 @@ class _Reader:
             until,
         )
 
-    def _garbled(self, garbled: list[Garbled]) -> None:
+    def _garbled(self, garbled: Sequence[Garbled]) -> None:
         for bad in garbled:
             self.source.garbled_lines += 1
             log.warning(
-                "container %s: skipped a line of %s at byte %d that is not in the engine's "
-                "json-file format (%s): %r",
+                "container %s: skipped a line of %s at byte %d that is not in %s (%s): %r",
                 self.container.name,
                 self.name,
+                self.format_name,
                 bad.offset,
                 bad.reason,
                 bad.excerpt,

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from forwarder.docker.containers import EndReason, Follow, FollowerEnded
 from forwarder.docker.engine import ContainerGoneError, EngineError, LogsUnsupportedError
-from forwarder.docker.frames import EngineStreamError, PartialJoiner
+from forwarder.docker.frames import PIECE_BYTES, EngineStreamError, PartialJoiner
 from forwarder.docker.logsource import FileMark, LogSource, RawBatch
 from forwarder.multiline import Joiner
 from forwarder.records import ContainerInfo, LogLine, Position
@@ -138,9 +138,11 @@ class _Intake:
 
     __slots__ = ("joiner", "place", "resume", "start")
 
-    def __init__(self, start: Position | None, max_line_bytes: int, name: str) -> None:
+    def __init__(
+        self, start: Position | None, max_line_bytes: int, name: str, piece_bytes: int
+    ) -> None:
         self.start = start
-        self.joiner = PartialJoiner(max_line_bytes, _split_warner(name))
+        self.joiner = PartialJoiner(max_line_bytes, _split_warner(name), piece_bytes=piece_bytes)
         self.resume = ResumeFilter(start)
         self.place = FilePlace()
 
@@ -172,9 +174,11 @@ async def follow_container(
     on_position: Callable[[Position], None],
     stopped: asyncio.Event | None = None,
     multiline: Joiner | None = None,
+    piece_bytes: int = PIECE_BYTES,
 ) -> None:
     """Read one container's log until the stream ends (the container stopped), handing each
-    batch of lines to ``sink`` together with the position it reaches.
+    batch of lines to ``sink`` together with the position it reaches. ``piece_bytes`` is the
+    joiner's (0: a partial piece always continues, as in the CRI format).
 
     With ``multiline``, lines go through the joiner first, the position handed on is the one
     before its earliest pending group, and a pending group is sent after its flush_timeout
@@ -191,9 +195,10 @@ async def follow_container(
             on_position=on_position,
             multiline=multiline,
             stopped=stopped,
+            piece_bytes=piece_bytes,
         )
         return
-    intake = _Intake(position, max_line_bytes, container.name)
+    intake = _Intake(position, max_line_bytes, container.name, piece_bytes)
     if position is not None:
         since = format_since(position.ts_ns)
     reads = source.read(container, since=since, follow=follow, position=position, stopped=stopped)
@@ -243,11 +248,12 @@ async def _follow_joined(
     on_position: Callable[[Position], None],
     multiline: Joiner,
     stopped: asyncio.Event | None = None,
+    piece_bytes: int = PIECE_BYTES,
 ) -> None:
     """The loop of :func:`follow_container` with a multiline joiner. The positions it hands
     on are (timestamp, count) only: the one before a pending group's first line has no byte
     offset, so a file source resumes from it by time (it finds the line all the same)."""
-    intake = _Intake(position, max_line_bytes, container.name)
+    intake = _Intake(position, max_line_bytes, container.name, piece_bytes)
     start = position
     if position is not None:
         since = format_since(position.ts_ns)
