@@ -636,6 +636,8 @@ class _Inotify:
                 del self._watchers[event.wd]
                 for w in held:
                     w.unwatched()
+        if not self._watchers:
+            self._close()
 
 
 class Watcher:
