@@ -288,6 +288,13 @@ TailEvent = Opened | Block | Gap | Ended
 
 # ------------------------------------------------------------------------------ I/O
 
+LISTING_ATTEMPTS: Final = 3
+"""A directory listing that saw a file renamed under it is made again up to this many times."""
+
+
+class _Moved(Exception):
+    """A name listed was given to another file before its first line was read."""
+
 
 class _Open:
     __slots__ = ("compressed", "name", "offset", "raw", "ref", "stream")
@@ -387,12 +394,23 @@ class FileTailer:
         self._file = self._next = None
 
     def listing(self) -> list[ChainFile]:
+        """The chain as it is now. A file renamed over a name between its ``stat`` and the
+        read of its first line makes the listing start again (a few times, then that name is
+        left out: the rotation's events or the next end of file list again)."""
         self.listings += 1
+        for _ in range(LISTING_ATTEMPTS):
+            entries, moved = self._list_once()
+            if not moved:
+                break
+        return chain_of(entries, self._naming)
+
+    def _list_once(self) -> tuple[list[tuple[str, FileRef, int]], bool]:
         entries: list[tuple[str, FileRef, int]] = []
+        moved = False
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
-            return []
+            return entries, moved
         for name in names:
             order = self._naming.order(name)
             if order is None:
@@ -402,32 +420,38 @@ class FileTailer:
                 fp = self._fingerprint(name, st, order[1])
             except FileNotFoundError:
                 continue  # rotated away between listdir and stat
+            except _Moved:
+                moved = True
+                continue
             entries.append((name, FileRef(st.st_dev, st.st_ino, fp), st.st_size))
-        return chain_of(entries, self._naming)
+        return entries, moved
 
     def _fingerprint(self, name: str, st: os.stat_result, compressed: bool) -> int | None:
-        """The file's fingerprint, cached. An inode can be reused by a new file once the old
-        one is deleted, so a cached plain file's first line is read again and compared (a
-        short read); a gzip is never written again once complete (keyed by mtime and size)."""
+        """The fingerprint of the file ``st`` describes, read from that very file (the name
+        may have been given to another one since: :class:`_Moved`), cached. An inode can be
+        reused by a new file once the old one is deleted, so a cached plain file's first
+        line is read again and compared (a short read); a gzip is never written again once
+        complete (keyed by mtime and size)."""
         key = (st.st_dev, st.st_ino, st.st_mtime_ns if compressed else 0, st.st_size * compressed)
-        path = self.directory / name
         cached = self._fingerprints.get(key)
         if cached is not None and compressed:
             return cached
-        try:
+        with (self.directory / name).open("rb") as f:
+            now = os.fstat(f.fileno())
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                raise _Moved
             if compressed:
-                with gzip.open(path, "rb") as gz:
-                    head = gz.read(FINGERPRINT_BYTES)
+                try:
+                    with gzip.GzipFile(fileobj=f) as gz:
+                        head = gz.read(FINGERPRINT_BYTES)
+                except (EOFError, gzip.BadGzipFile, zlib.error):
+                    return None  # a gzip still being written
             else:
-                with path.open("rb") as f:
-                    head = f.read(cached >> 32 if cached is not None else FINGERPRINT_BYTES)
+                head = os.pread(f.fileno(), cached >> 32 if cached else FINGERPRINT_BYTES, 0)
                 if cached is not None and fingerprint(head) == cached:
                     return cached
                 if cached is not None:
-                    with path.open("rb") as f:
-                        head = f.read(FINGERPRINT_BYTES)
-        except (EOFError, gzip.BadGzipFile, zlib.error):
-            return None  # a gzip still being written
+                    head = os.pread(f.fileno(), FINGERPRINT_BYTES, 0)
         fp = fingerprint(head)
         if fp is not None:
             if len(self._fingerprints) > 64:

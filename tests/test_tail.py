@@ -306,10 +306,12 @@ def test_chain_counts_a_file_listed_twice_once_at_its_oldest_name() -> None:
 
 class RotatingInTheListing:
     """``os`` for the tailer, rotating the directory once after ``BASE`` was stat'ed and
-    fingerprinted (it is listed first) and before the other names are stat'ed."""
+    fingerprinted (it is listed first), and before (or just after) the next name is stat'ed:
+    then the first line read by that name is another file's."""
 
-    def __init__(self, writer: Writer) -> None:
+    def __init__(self, writer: Writer, after_stat: bool) -> None:
         self.writer = writer
+        self.after_stat = after_stat
         self.armed = True
 
     def __getattr__(self, name: str) -> object:
@@ -319,20 +321,23 @@ class RotatingInTheListing:
         return sorted(os.listdir(path), key=lambda n: n != BASE)
 
     def stat(self, path: Path) -> os.stat_result:
+        st = os.stat(path) if self.after_stat else None
         if self.armed and Path(path).name != BASE:
             self.armed = False
             self.writer.rotate()
             self.writer.write(5)
-        return os.stat(path)
+        return st or os.stat(path)
 
 
+@pytest.mark.parametrize("after_stat", [False, True], ids=["before-stat", "after-stat"])
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
 def test_a_rotation_in_the_middle_of_a_listing_reads_nothing_twice(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compress: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compress: bool, after_stat: bool
 ) -> None:
-    """The engine rotates (and gzips) between the stat of ``<id>-json.log`` and the stat of
-    the other names: the listing shows the file read so far twice, and its name is the new
-    file's by the time it is opened."""
+    """The engine rotates (and gzips) in the middle of a listing: after the stat of
+    ``<id>-json.log``, the listing shows the file read so far twice, and its name is the new
+    file's by the time it is opened; after the stat of ``.1`` (``.1.gz``), its first line,
+    read by name, is the newer file's (and must not become the older one's fingerprint)."""
     import forwarder.tail as tail
 
     w = Writer(tmp_path, max_files=3, compress=compress)
@@ -342,13 +347,44 @@ def test_a_rotation_in_the_middle_of_a_listing_reads_nothing_twice(
     tailer = FileTailer(tmp_path, NAMING, block_bytes=64)
     events = tailer.read()
     w.write(5)
-    racing = RotatingInTheListing(w)
+    racing = RotatingInTheListing(w, after_stat)
     monkeypatch.setattr(tail, "os", racing)
     events += tailer.read()
     monkeypatch.undo()
     assert not racing.armed
     events += tailer.read()
-    assert numbers(events) == list(range(1, 21))
+    for _ in range(3):
+        w.write(5)
+        w.rotate()
+        events += tailer.read()
+    assert numbers(events) == list(range(1, 36))
+    tailer.close()
+
+
+def test_a_file_renamed_over_a_listed_name_lends_it_no_fingerprint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``.1.gz`` is stat'ed, then rotated to ``.2.gz`` and the newer file gzipped to ``.1.gz``
+    before its first line is read by name: that first line is not the stat'ed file's (else
+    the older file is taken for the newer one, read in its place or skipped)."""
+    import forwarder.tail as tail
+
+    w = Writer(tmp_path, max_files=3, compress=True)
+    w.write(5)
+    w.rotate()
+    w.write(5)
+    racing = RotatingInTheListing(w, after_stat=True)
+    monkeypatch.setattr(tail, "os", racing)
+    tailer = FileTailer(tmp_path, NAMING, block_bytes=64)
+    events = tailer.read()
+    monkeypatch.undo()
+    assert not racing.armed
+    for _ in range(3):
+        w.write(5)
+        w.rotate()
+        events += tailer.read()
+    assert numbers(events) == list(range(1, 31))
+    assert not any(isinstance(e, Gap) for e in events)
     tailer.close()
 
 
