@@ -289,7 +289,8 @@ TailEvent = Opened | Block | Gap | Ended
 # ------------------------------------------------------------------------------ I/O
 
 LISTING_ATTEMPTS: Final = 3
-"""A directory listing that saw a file renamed under it is made again up to this many times."""
+"""A directory listing that saw a file renamed or deleted under it is made again up to this
+many times (a rotation is over in well under a millisecond; the engine rotates far less often)."""
 
 
 class _Moved(Exception):
@@ -346,6 +347,14 @@ class Changes(Protocol):
         ...
 
 
+def _linked(f: _Open) -> bool:
+    """The open file still has a name (its link count is not 0)."""
+    try:
+        return os.fstat(f.raw.fileno()).st_nlink > 0
+    except OSError:
+        return False
+
+
 class FileTailer:
     """Reads a chain of log files in a directory from a position, as :data:`TailEvent` s.
 
@@ -394,9 +403,10 @@ class FileTailer:
         self._file = self._next = None
 
     def listing(self) -> list[ChainFile]:
-        """The chain as it is now. A file renamed over a name between its ``stat`` and the
-        read of its first line makes the listing start again (a few times, then that name is
-        left out: the rotation's events or the next end of file list again)."""
+        """The chain as it is now. A name gone between ``listdir`` and its ``stat``, or
+        given to another file before its first line was read, makes the listing start again
+        (a few times, then that name is left out: the rotation's events or the next end of
+        file list again)."""
         self.listings += 1
         for _ in range(LISTING_ATTEMPTS):
             entries, moved = self._list_once()
@@ -418,9 +428,9 @@ class FileTailer:
             try:
                 st = os.stat(self.directory / name)
                 fp = self._fingerprint(name, st, order[1])
-            except FileNotFoundError:
-                continue  # rotated away between listdir and stat
-            except _Moved:
+            except (FileNotFoundError, _Moved):
+                # Renamed or deleted since listdir: the rest may be stale (a plain .1 gone,
+                # its .1.gz stat'ed while still being written, without a fingerprint).
                 moved = True
                 continue
             entries.append((name, FileRef(st.st_dev, st.st_ino, fp), st.st_size))
@@ -507,10 +517,7 @@ class FileTailer:
         """Whether a listing can show something new about ``f`` and its successors."""
         if not self._newest or self.changes is None or self.changes.take():
             return True
-        try:
-            return os.fstat(f.raw.fileno()).st_nlink == 0
-        except OSError:
-            return True
+        return not _linked(f)
 
     def _at_end(self, f: _Open) -> Step:
         """At the end of ``f``'s bytes: wait if it is still the newest file, else go on."""
@@ -528,6 +535,12 @@ class FileTailer:
                 if fp is not None:
                     f.ref = FileRef(f.ref.dev, f.ref.ino, fp)
         chain = self.listing()
+        for _ in range(LISTING_ATTEMPTS - 1):
+            if _find(chain, f.ref) >= 0 or not _linked(f):
+                break
+            # Still linked, so still named in the directory: the listing was made while a
+            # rotation renamed files (listdir's names, stat'ed after the rename).
+            chain = self.listing()
         if f.ref.fingerprint is None:
             i = _find(chain, f.ref)
             if i >= 0:

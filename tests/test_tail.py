@@ -388,6 +388,60 @@ def test_a_file_renamed_over_a_listed_name_lends_it_no_fingerprint(
     tailer.close()
 
 
+class CompressingAfterListdir:
+    """``os`` for the tailer: right after ``listdir``, the engine rotates and starts gzipping
+    ``.1`` (``.1.gz`` half written, ``.1`` still there): listdir's names are stale."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.armed = True
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(os, name)
+
+    def listdir(self, path: Path) -> list[str]:
+        names = os.listdir(path)
+        if self.armed:
+            self.armed = False
+            base = self.dir / BASE
+            Path(f"{base}.1.gz").rename(f"{base}.2.gz")
+            base.rename(f"{base}.1")
+            base.touch()
+            whole = gzip.compress(Path(f"{base}.1").read_bytes())
+            Path(f"{base}.1.gz").write_bytes(whole[: len(whole) // 2])
+        return names
+
+
+def test_a_listing_made_while_the_engine_rotates_does_not_lose_the_open_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """listdir saw ``<id>-json.log`` and the old ``.1.gz``; by their stat, the file being
+    read is ``.1`` (not listed) and ``.1.gz`` is a gzip without a first line yet: the file
+    read is still linked, so still named, and is looked for again rather than taken as
+    rotated away (a gap, and the chain read again from its oldest file)."""
+    import forwarder.tail as tail
+
+    w = Writer(tmp_path, max_files=3, compress=True)
+    w.write(5)
+    w.rotate()
+    w.write(5)
+    tailer = FileTailer(tmp_path, NAMING, block_bytes=64)
+    events = tailer.read()
+    racing = CompressingAfterListdir(tmp_path)
+    monkeypatch.setattr(tail, "os", racing)
+    events += tailer.read()
+    monkeypatch.undo()
+    assert not racing.armed
+    one = tmp_path / (BASE + ".1")  # the engine finishes the compression
+    Path(f"{one}.gz").write_bytes(gzip.compress(one.read_bytes()))
+    one.unlink()
+    w.write(5)
+    events += tailer.read()
+    assert numbers(events) == list(range(1, 16))
+    assert not any(isinstance(e, Gap) for e in events)
+    tailer.close()
+
+
 # ------------------------------------------------------------------------------ listing less
 
 
