@@ -3,9 +3,17 @@
 #   docker build -t forwarder:0.1.0 .
 #   docker run -d --name forwarder \
 #     -v /var/run/docker.sock:/var/run/docker.sock:ro \
+#     -v /var/lib/docker/containers:/var/lib/docker/containers:ro \
+#     --pid=host --cgroupns=host -v /sys/fs/cgroup:/sys/fs/cgroup:ro \
 #     -v /var/lib/forwarder:/var/lib/forwarder \
 #     -e FORWARD_SERVER=tcp://fluentd.example:24224 \
 #     forwarder:0.1.0
+# The engine's containers/ directory, read-only at the same path, lets forwarder read the
+# json-file logs from disk ([docker] log_source = "auto"), sparing dockerd; with another
+# data-root mount <data-root>/containers at the same path (or anywhere, and set [docker]
+# containers_dir). Without it, logs come through the API. The host's PID and cgroup
+# namespaces and its cgroup tree let [stats] read the cgroup files instead of asking the
+# Stats API (without them, "auto" asks the API). See the README's "Reading logs from disk".
 # The built-in config (conf/docker.toml) takes the aggregator from FORWARD_SERVER; mount your
 # own over /etc/forwarder/forwarder.toml for more.
 FROM python:3.11-slim AS build

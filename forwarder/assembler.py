@@ -171,7 +171,18 @@ def split_batch(
     """Cut a batch (one engine read can hold a thousand lines) into parts that fit in a
     chunk of ``limit`` bytes, each with the position it reaches. An inner part's count at
     its last nanosecond ignores earlier parts, so it can only be lower: a resume from it
-    repeats a line rather than skipping one."""
+    repeats a line rather than skipping one.
+
+    An inner part's position has no file part (a file source's ``dev``/``ino``/``offset``),
+    so a resume from it (only when forwarder stopped after an inner part was acked and before
+    the last one was: that one carries the batch's whole position) finds its place by time,
+    reading the chain from its oldest file. It can't be derived from the batch's position:
+    that one's offset is the end of the batch's bytes (where the joiner last held nothing,
+    most often after the last line) and its ``skip`` counts only the lines after that offset.
+    Exact inner positions need the position the batch started from (the file's offset before
+    it and the lines taken since), which the sink is not given: the part ending at the batch's
+    ``k``-th line would be that offset with ``skip + k``, when the batch continues the same
+    file."""
     overhead = ENTRY_OVERHEAD_BYTES + len(container.id) + len(container.name) + extra_bytes
     return split_lines(lines, position, limit, overhead)
 

@@ -14,8 +14,8 @@ gzip is done (``.1`` is then deleted), so ``.1`` is preferred while both exist.
 
 The decisions (which file comes next, is this a rotation, is there a gap) are pure functions
 of a listing (:func:`chain_of`, :func:`resume_at`, :func:`at_eof`); :class:`FileTailer` is
-the thin I/O around them, and :class:`Watcher` says when to look again (inotify, or polling
-when inotify is unavailable or out of watches).
+the thin I/O around them, and :class:`Watcher` says when to look again (inotify, one
+instance shared by all watchers, or polling when inotify is unavailable or out of watches).
 
 Guarantees: a file is read to its end through its open descriptor before the next one is
 started (it can have been renamed, gzipped or deleted meanwhile: Linux keeps an open file
@@ -33,15 +33,17 @@ import errno
 import gzip
 import os
 import re
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final, NamedTuple, Protocol
+from typing import IO, Final, NamedTuple, Protocol
 
 __all__ = [
     "Block",
     "ChainFile",
+    "Changes",
     "Ended",
     "FileRef",
     "FileTailer",
@@ -60,6 +62,10 @@ __all__ = [
 FINGERPRINT_BYTES: Final = 1 << 16
 """At most this much of a file's start identifies it: its first line, or this many bytes."""
 BLOCK_BYTES: Final = 1 << 20
+INOTIFY_RELIST_POLLS: Final = 10
+"""With inotify, the directory is listed again after this many poll intervals without an
+event saying it changed: a guard against events a filesystem does not deliver, at a tenth of
+the polling fallback's listings (500 idle containers: 50 listings a second, not 500)."""
 
 
 # ------------------------------------------------------------------------------ identities
@@ -145,7 +151,13 @@ _ROTATED_RE = re.compile(r"([1-9][0-9]*)(\.gz)?")
 
 def chain_of(entries: Sequence[tuple[str, FileRef, int]], naming: Naming) -> list[ChainFile]:
     """The chain, oldest first, from a directory listing ``(name, ref, size)``. When a file
-    and its gzipped copy both exist (compression in progress), the plain one is taken."""
+    and its gzipped copy both exist (compression in progress), the plain one is taken.
+
+    A listing is not atomic: a name stat'ed before a rotation and another after it can show
+    the same file twice (``<id>-json.log`` as it was, and ``.1`` or ``.1.gz`` it has become).
+    A file is counted once, at its oldest name, where the rotation took it: the newer name
+    belongs to a file that was not there yet when its stat ran, and the next listing (the
+    rotation's events wake it) sees that one."""
     keyed: dict[int | str, ChainFile] = {}
     for name, ref, size in entries:
         order = naming.order(name)
@@ -155,7 +167,12 @@ def chain_of(entries: Sequence[tuple[str, FileRef, int]], naming: Naming) -> lis
         held = keyed.get(key)
         if held is None or (held.compressed and not compressed):
             keyed[key] = ChainFile(name, compressed, ref, size)
-    return [keyed[k] for k in sorted(keyed, key=_sort_key)]
+    chain: list[ChainFile] = []
+    for k in sorted(keyed, key=_sort_key):
+        f = keyed[k]
+        if _find(chain, f.ref) < 0:
+            chain.append(f)
+    return chain
 
 
 def _sort_key(key: int | str) -> tuple[int, int | str]:
@@ -229,6 +246,9 @@ def at_eof(reading: FileRef, chain: Sequence[ChainFile], successor: FileRef | No
     return Step(False, chain[0], True, None)
 
 
+_WAIT: Final = Step(True, None, False, None)
+
+
 # ------------------------------------------------------------------------------ events
 
 
@@ -268,6 +288,14 @@ TailEvent = Opened | Block | Gap | Ended
 
 # ------------------------------------------------------------------------------ I/O
 
+LISTING_ATTEMPTS: Final = 3
+"""A directory listing that saw a file renamed or deleted under it is made again up to this
+many times (a rotation is over in well under a millisecond; the engine rotates far less often)."""
+
+
+class _Moved(Exception):
+    """A name listed was given to another file before its first line was read."""
+
 
 class _Open:
     __slots__ = ("compressed", "name", "offset", "raw", "ref", "stream")
@@ -276,6 +304,11 @@ class _Open:
         self.name = file.name
         self.compressed = file.compressed
         self.raw: IO[bytes] = path.open("rb")
+        st = os.fstat(self.raw.fileno())
+        if (st.st_dev, st.st_ino) != (file.ref.dev, file.ref.ino):
+            # The name was given to another file (a rotation) since it was listed.
+            self.raw.close()
+            raise FileNotFoundError(errno.ENOENT, "rotated since it was listed", str(path))
         self.stream: IO[bytes] = (
             gzip.GzipFile(fileobj=self.raw) if file.compressed else self.raw  # type: ignore[assignment]
         )
@@ -307,12 +340,32 @@ class _Open:
             self.raw.close()
 
 
+class Changes(Protocol):
+    def take(self) -> bool:
+        """Whether the directory may have changed (a file created, renamed or deleted) since
+        this was last asked; asking forgets it."""
+        ...
+
+
+def _linked(f: _Open) -> bool:
+    """The open file still has a name (its link count is not 0)."""
+    try:
+        return os.fstat(f.raw.fileno()).st_nlink > 0
+    except OSError:
+        return False
+
+
 class FileTailer:
     """Reads a chain of log files in a directory from a position, as :data:`TailEvent` s.
 
     ``read()`` returns what can be read now (up to ``budget_bytes``), never blocks on new
     bytes; ``[]`` means nothing new. Not reading (backpressure) is safe: the file being read
     and its successor are held open and are read to their end when reading resumes.
+
+    Without ``changes`` the directory is listed at every end of the newest file (to see a
+    rotation). With it (a :class:`Watcher`), the end of the newest file costs one ``fstat``:
+    the directory is listed only when ``changes`` says it may have changed, or when the open
+    file's link count dropped to 0 (deleted: gzipped away, or the container removed).
     """
 
     def __init__(
@@ -322,14 +375,20 @@ class FileTailer:
         position: TailPosition | None = None,
         *,
         block_bytes: int = BLOCK_BYTES,
+        changes: Changes | None = None,
     ) -> None:
         self.directory = directory
+        self.changes = changes
+        self.listings = 0
+        """Directory listings made (each a ``listdir``, a ``stat`` and a first-line read per
+        file of the chain)."""
         self._naming = naming
         self._position = position
         self._block = block_bytes
         self._file: _Open | None = None
         self._next: _Open | None = None  # the held successor
         self._started = False
+        self._newest = False  # the file being read was the newest at the last listing
         self.ended = False
         self._fingerprints: dict[tuple[int, int, int, int], int] = {}
 
@@ -344,11 +403,24 @@ class FileTailer:
         self._file = self._next = None
 
     def listing(self) -> list[ChainFile]:
+        """The chain as it is now. A name gone between ``listdir`` and its ``stat``, or
+        given to another file before its first line was read, makes the listing start again
+        (a few times, then that name is left out: the rotation's events or the next end of
+        file list again)."""
+        self.listings += 1
+        for _ in range(LISTING_ATTEMPTS):
+            entries, moved = self._list_once()
+            if not moved:
+                break
+        return chain_of(entries, self._naming)
+
+    def _list_once(self) -> tuple[list[tuple[str, FileRef, int]], bool]:
         entries: list[tuple[str, FileRef, int]] = []
+        moved = False
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
-            return []
+            return entries, moved
         for name in names:
             order = self._naming.order(name)
             if order is None:
@@ -356,34 +428,40 @@ class FileTailer:
             try:
                 st = os.stat(self.directory / name)
                 fp = self._fingerprint(name, st, order[1])
-            except FileNotFoundError:
-                continue  # rotated away between listdir and stat
+            except (FileNotFoundError, _Moved):
+                # Renamed or deleted since listdir: the rest may be stale (a plain .1 gone,
+                # its .1.gz stat'ed while still being written, without a fingerprint).
+                moved = True
+                continue
             entries.append((name, FileRef(st.st_dev, st.st_ino, fp), st.st_size))
-        return chain_of(entries, self._naming)
+        return entries, moved
 
     def _fingerprint(self, name: str, st: os.stat_result, compressed: bool) -> int | None:
-        """The file's fingerprint, cached. An inode can be reused by a new file once the old
-        one is deleted, so a cached plain file's first line is read again and compared (a
-        short read); a gzip is never written again once complete (keyed by mtime and size)."""
+        """The fingerprint of the file ``st`` describes, read from that very file (the name
+        may have been given to another one since: :class:`_Moved`), cached. An inode can be
+        reused by a new file once the old one is deleted, so a cached plain file's first
+        line is read again and compared (a short read); a gzip is never written again once
+        complete (keyed by mtime and size)."""
         key = (st.st_dev, st.st_ino, st.st_mtime_ns if compressed else 0, st.st_size * compressed)
-        path = self.directory / name
         cached = self._fingerprints.get(key)
         if cached is not None and compressed:
             return cached
-        try:
+        with (self.directory / name).open("rb") as f:
+            now = os.fstat(f.fileno())
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                raise _Moved
             if compressed:
-                with gzip.open(path, "rb") as gz:
-                    head = gz.read(FINGERPRINT_BYTES)
+                try:
+                    with gzip.GzipFile(fileobj=f) as gz:
+                        head = gz.read(FINGERPRINT_BYTES)
+                except (EOFError, gzip.BadGzipFile, zlib.error):
+                    return None  # a gzip still being written
             else:
-                with path.open("rb") as f:
-                    head = f.read(cached >> 32 if cached is not None else FINGERPRINT_BYTES)
+                head = os.pread(f.fileno(), cached >> 32 if cached else FINGERPRINT_BYTES, 0)
                 if cached is not None and fingerprint(head) == cached:
                     return cached
                 if cached is not None:
-                    with path.open("rb") as f:
-                        head = f.read(FINGERPRINT_BYTES)
-        except (EOFError, gzip.BadGzipFile, zlib.error):
-            return None  # a gzip still being written
+                    head = os.pread(f.fileno(), FINGERPRINT_BYTES, 0)
         fp = fingerprint(head)
         if fp is not None:
             if len(self._fingerprints) > 64:
@@ -419,7 +497,7 @@ class FileTailer:
                 events.append(Block(f.offset - len(data), data))
                 read += len(data)
                 continue
-            step = self._look(f)
+            step = self._at_end(f)
             if step.wait:
                 break
             data = f.read(self._block)  # written before the rotation we just saw
@@ -431,9 +509,21 @@ class FileTailer:
                 break
         else:
             # Stopped mid-file: hold the successor now, in case reading pauses for long.
-            if self._next is None and self._file is not None:
+            if self._next is None and self._file is not None and self._may_have_moved(self._file):
                 self._look(self._file)
         return events
+
+    def _may_have_moved(self, f: _Open) -> bool:
+        """Whether a listing can show something new about ``f`` and its successors."""
+        if not self._newest or self.changes is None or self.changes.take():
+            return True
+        return not _linked(f)
+
+    def _at_end(self, f: _Open) -> Step:
+        """At the end of ``f``'s bytes: wait if it is still the newest file, else go on."""
+        if not self._may_have_moved(f):
+            return _WAIT
+        return self._look(f)
 
     def _look(self, f: _Open) -> Step:
         """List the chain and decide; learn the file's fingerprint and hold its successor."""
@@ -445,11 +535,18 @@ class FileTailer:
                 if fp is not None:
                     f.ref = FileRef(f.ref.dev, f.ref.ino, fp)
         chain = self.listing()
+        for _ in range(LISTING_ATTEMPTS - 1):
+            if _find(chain, f.ref) >= 0 or not _linked(f):
+                break
+            # Still linked, so still named in the directory: the listing was made while a
+            # rotation renamed files (listdir's names, stat'ed after the rename).
+            chain = self.listing()
         if f.ref.fingerprint is None:
             i = _find(chain, f.ref)
             if i >= 0:
                 f.ref = chain[i].ref
         step = at_eof(f.ref, chain, self._next.ref if self._next else None)
+        self._newest = step.wait
         if step.successor is not None and self._next is None:
             self._next = self._open(step.successor)
         return step
@@ -475,6 +572,7 @@ class FileTailer:
         f = self._file
         assert f is not None
         nxt = self._next
+        self._newest = False  # the next end lists (or decides again)
         if nxt is None and step.next is not None:
             nxt = self._open(step.next)
             if nxt is None:  # rotated between the listing and the open: decide again
@@ -496,49 +594,140 @@ class FileTailer:
 # ------------------------------------------------------------------------------ noticing
 
 
+_CHANGED_MASK: Final = 0x100 | 0x40 | 0x80 | 0x200 | 0x400 | 0x8000 | 0x4000
+"""CREATE, MOVED_FROM, MOVED_TO, DELETE, DELETE_SELF, IGNORED, Q_OVERFLOW: the chain may have
+changed. MODIFY (0x2) only says there are new bytes."""
+_WATCH_MASK: Final = 0x2 | 0x100 | 0x40 | 0x80 | 0x200 | 0x400
+
+
+class _Inotify:
+    """The one inotify instance of an event loop, shared by its watchers: a watch per
+    directory, events dispatched by watch descriptor. One instance per followed directory
+    would exhaust ``fs.inotify.max_user_instances`` (128 by default) long before 500
+    containers; watches are limited by ``max_user_watches`` (8,192 or more)."""
+
+    _of_loop: dict[asyncio.AbstractEventLoop, _Inotify] = {}
+
+    @classmethod
+    def of_running_loop(cls) -> _Inotify:
+        loop = asyncio.get_running_loop()
+        made = cls._of_loop.get(loop)
+        if made is None:
+            made = cls._of_loop[loop] = cls(loop)
+        return made
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        from inotify_simple import INotify
+
+        self._loop = loop
+        self._inotify = INotify(nonblocking=True)
+        self._fd = self._inotify.fileno()
+        self._watchers: dict[int, set[Watcher]] = {}
+        loop.add_reader(self._fd, self._readable)
+
+    def add(self, watcher: Watcher) -> int:
+        """Watch the watcher's directory; OSError (ENOSPC: out of watches) when it can't."""
+        try:
+            wd: int = self._inotify.add_watch(str(watcher.directory), _WATCH_MASK)
+        except OSError:
+            if not self._watchers:
+                self._close()
+            raise
+        self._watchers.setdefault(wd, set()).add(watcher)
+        return wd
+
+    def remove(self, watcher: Watcher, wd: int) -> None:
+        held = self._watchers.get(wd)
+        if held is not None:
+            held.discard(watcher)
+            if not held:
+                del self._watchers[wd]
+                with contextlib.suppress(OSError):  # gone already (IGNORED)
+                    self._inotify.rm_watch(wd)
+        if not self._watchers:
+            self._close()
+
+    def _close(self) -> None:
+        self._of_loop.pop(self._loop, None)
+        self._loop.remove_reader(self._fd)
+        self._inotify.close()
+
+    def _readable(self) -> None:
+        try:
+            events = self._inotify.read(timeout=0)
+        except OSError:
+            return
+        for event in events:
+            if event.mask & 0x4000:  # Q_OVERFLOW: events were lost, for any directory
+                for every in self._watchers.values():
+                    for w in every:
+                        w.woken(True)
+                continue
+            held = self._watchers.get(event.wd)
+            if not held:
+                continue
+            changed = bool(event.mask & _CHANGED_MASK)
+            for w in tuple(held):
+                w.woken(changed)
+            if event.mask & 0x8000:  # IGNORED: the kernel removed the watch (rmdir)
+                del self._watchers[event.wd]
+                for w in held:
+                    w.unwatched()
+        if not self._watchers:
+            self._close()
+
+
 class Watcher:
-    """Wakes a follower when its directory changes: inotify on the directory through an
-    ``inotify_simple`` fd on the event loop, else (no inotify, watches exhausted, or a
-    filesystem without events) polling every ``poll_interval`` seconds. A wake is also
-    forced every ``poll_interval`` with inotify, which costs one listing."""
+    """Wakes a follower when its directory changes, and tells its tailer (as
+    :class:`Changes`) when to list the directory again.
+
+    With inotify (the loop's one shared instance, :class:`_Inotify`): woken by any event in
+    the directory; a listing is due after a create, rename or delete, or after
+    ``INOTIFY_RELIST_POLLS`` poll intervals without one. Without (inotify missing, out of
+    watches or instances, or the watch removed): polling, woken and a listing due every
+    ``poll_interval`` seconds. With inotify a wake is also forced every ``poll_interval``
+    (a read that finds nothing costs one ``read`` and one ``fstat``, no listing)."""
 
     def __init__(self, directory: Path, poll_interval: float = 1.0) -> None:
         self.directory = directory
         self.poll_interval = poll_interval
         self._event = asyncio.Event()
-        self._inotify: Any = None
+        self._changed = True  # whatever happened before the watch began
+        self._listed = time.monotonic()
+        self._inotify: _Inotify | None = None
+        self._wd = -1
         self.mode = "poll"
-        self._fd = -1
         try:
-            from inotify_simple import INotify, flags
-
-            inotify = INotify(nonblocking=True)
-            mask = (
-                flags.MODIFY
-                | flags.CREATE
-                | flags.MOVED_FROM
-                | flags.MOVED_TO
-                | flags.DELETE
-                | flags.DELETE_SELF
-            )
-            inotify.add_watch(str(directory), mask)
+            inotify = _Inotify.of_running_loop()
+            self._wd = inotify.add(self)
         except ImportError:
             return
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EMFILE, errno.ENOENT, errno.ENOSYS):
                 raise
-            with contextlib.suppress(NameError):
-                inotify.close()
             return
         self._inotify = inotify
-        self._fd = inotify.fileno()
-        asyncio.get_running_loop().add_reader(self._fd, self._readable)
         self.mode = "inotify"
 
-    def _readable(self) -> None:
-        with contextlib.suppress(OSError):
-            self._inotify.read(timeout=0)
+    def woken(self, changed: bool) -> None:
+        """An event in the directory (from the shared inotify instance)."""
+        if changed:
+            self._changed = True
         self._event.set()
+
+    def unwatched(self) -> None:
+        """The kernel removed the watch (the directory is gone): poll from now on."""
+        self._inotify = None
+        self.mode = "poll"
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        every = self.poll_interval * (INOTIFY_RELIST_POLLS if self.mode == "inotify" else 1)
+        if self._changed or now - self._listed >= every:
+            self._changed = False
+            self._listed = now
+            return True
+        return False
 
     async def wait(self) -> None:
         """Until something changed (inotify) or ``poll_interval`` passed."""
@@ -548,8 +737,7 @@ class Watcher:
 
     def close(self) -> None:
         if self._inotify is not None:
-            asyncio.get_running_loop().remove_reader(self._fd)
-            self._inotify.close()
+            self._inotify.remove(self, self._wd)
             self._inotify = None
 
 
@@ -564,6 +752,7 @@ async def follow(
     Not iterating is backpressure: nothing is read meanwhile, and files rotated while
     waiting are read (or reported as a :class:`Gap`) when iteration resumes."""
     watcher = watcher_factory(tailer.directory, poll_interval)
+    tailer.changes = watcher
     try:
         while not tailer.ended:
             events = tailer.read()

@@ -125,3 +125,47 @@ def test_the_daemonset_config_passes_forwarder_check(tmp_path: Path) -> None:
     cfg = load_config(path, env=env)
     hosts = [s.endpoint.host for s in cfg.output.servers]
     assert all(re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*\.svc", host) for host in hosts), hosts
+
+
+def mounts_by_path(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """mountPath -> (the host path of its hostPath volume, read-only)."""
+    host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    return {
+        m["mountPath"]: (host.get(m["name"], ""), m.get("readOnly", False))
+        for m in container["volumeMounts"]
+    }
+
+
+def test_the_daemonset_mounts_what_the_file_source_and_cgroup_stats_read() -> None:
+    """Each path the config reads from disk is a read-only mount of the host's: the engine's
+    containers/ directory (as the engine reports LogPath: /var/lib/docker/containers), the
+    cgroup tree and /proc."""
+    docs = manifests()
+    (daemonset,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    pod = daemonset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    cfg = load_config_text(config_map["data"]["forwarder.toml"])
+    mounts = mounts_by_path(pod, container)
+    assert cfg.docker.log_source in ("auto", "file")
+    containers_dir = cfg.docker.containers_dir or "/var/lib/docker/containers"
+    assert mounts[containers_dir] == ("/var/lib/docker/containers", True)
+    assert cfg.stats.source in ("auto", "cgroup")
+    assert mounts[cfg.stats.cgroup_root] == ("/sys/fs/cgroup", True)
+    if cfg.stats.proc_root == "/proc":
+        assert pod.get("hostPID") is True, "the host's processes must be visible in /proc"
+    else:
+        assert mounts[cfg.stats.proc_root] == ("/proc", True)
+
+
+def test_the_dockerfile_run_example_mounts_the_logs_and_cgroups_read_only() -> None:
+    """The image's config leaves containers_dir, cgroup_root and proc_root at their defaults:
+    the example mounts the host's paths at the same places, read-only."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    default = load_config(ROOT / "conf" / "docker.toml", env={"FORWARD_SERVER": "tcp://a:1"})
+    assert default.docker.log_source == "auto"
+    assert default.docker.containers_dir == ""
+    assert "-v /var/lib/docker/containers:/var/lib/docker/containers:ro" in dockerfile
+    assert f"-v /sys/fs/cgroup:{default.stats.cgroup_root}:ro" in dockerfile
+    assert default.stats.proc_root == "/proc"
+    assert "--pid=host" in dockerfile

@@ -7,6 +7,8 @@ import gzip
 import os
 from pathlib import Path
 
+import pytest
+
 from forwarder.tail import (
     Block,
     ChainFile,
@@ -288,3 +290,237 @@ def test_follow_wakes_on_inotify_and_ends_with_the_directory(tmp_path: Path) -> 
     assert modes == ["inotify"]
     assert numbers(events) == [1, 2, 3, 4, 5]
     assert isinstance(events[-1], Ended)
+
+
+# ------------------------------------------------------------------------------ rotation races
+
+
+def test_chain_counts_a_file_listed_twice_once_at_its_oldest_name() -> None:
+    # The current file stat'ed before a rotation, its new name (or gzipped copy) after it.
+    for older in (BASE + ".1", BASE + ".1.gz"):
+        a = ref(7, fp=7000) if older.endswith(".1") else ref(9, fp=7000)
+        listing = [(BASE + ".2.gz", ref(5), 10), (older, a, 10), (BASE, ref(7, fp=7000), 10)]
+        chain = chain_of(listing, NAMING)
+        assert [f.name for f in chain] == [BASE + ".2.gz", older]
+
+
+class RotatingInTheListing:
+    """``os`` for the tailer, rotating the directory once after ``BASE`` was stat'ed and
+    fingerprinted (it is listed first), and before (or just after) the next name is stat'ed:
+    then the first line read by that name is another file's."""
+
+    def __init__(self, writer: Writer, after_stat: bool) -> None:
+        self.writer = writer
+        self.after_stat = after_stat
+        self.armed = True
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(os, name)
+
+    def listdir(self, path: Path) -> list[str]:
+        return sorted(os.listdir(path), key=lambda n: n != BASE)
+
+    def stat(self, path: Path) -> os.stat_result:
+        st = os.stat(path) if self.after_stat else None
+        if self.armed and Path(path).name != BASE:
+            self.armed = False
+            self.writer.rotate()
+            self.writer.write(5)
+        return st or os.stat(path)
+
+
+@pytest.mark.parametrize("after_stat", [False, True], ids=["before-stat", "after-stat"])
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_a_rotation_in_the_middle_of_a_listing_reads_nothing_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compress: bool, after_stat: bool
+) -> None:
+    """The engine rotates (and gzips) in the middle of a listing: after the stat of
+    ``<id>-json.log``, the listing shows the file read so far twice, and its name is the new
+    file's by the time it is opened; after the stat of ``.1`` (``.1.gz``), its first line,
+    read by name, is the newer file's (and must not become the older one's fingerprint)."""
+    import forwarder.tail as tail
+
+    w = Writer(tmp_path, max_files=3, compress=compress)
+    w.write(5)
+    w.rotate()
+    w.write(5)
+    tailer = FileTailer(tmp_path, NAMING, block_bytes=64)
+    events = tailer.read()
+    w.write(5)
+    racing = RotatingInTheListing(w, after_stat)
+    monkeypatch.setattr(tail, "os", racing)
+    events += tailer.read()
+    monkeypatch.undo()
+    assert not racing.armed
+    events += tailer.read()
+    for _ in range(3):
+        w.write(5)
+        w.rotate()
+        events += tailer.read()
+    assert numbers(events) == list(range(1, 36))
+    tailer.close()
+
+
+def test_a_file_renamed_over_a_listed_name_lends_it_no_fingerprint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``.1.gz`` is stat'ed, then rotated to ``.2.gz`` and the newer file gzipped to ``.1.gz``
+    before its first line is read by name: that first line is not the stat'ed file's (else
+    the older file is taken for the newer one, read in its place or skipped)."""
+    import forwarder.tail as tail
+
+    w = Writer(tmp_path, max_files=3, compress=True)
+    w.write(5)
+    w.rotate()
+    w.write(5)
+    racing = RotatingInTheListing(w, after_stat=True)
+    monkeypatch.setattr(tail, "os", racing)
+    tailer = FileTailer(tmp_path, NAMING, block_bytes=64)
+    events = tailer.read()
+    monkeypatch.undo()
+    assert not racing.armed
+    for _ in range(3):
+        w.write(5)
+        w.rotate()
+        events += tailer.read()
+    assert numbers(events) == list(range(1, 31))
+    assert not any(isinstance(e, Gap) for e in events)
+    tailer.close()
+
+
+class CompressingAfterListdir:
+    """``os`` for the tailer: right after ``listdir``, the engine rotates and starts gzipping
+    ``.1`` (``.1.gz`` half written, ``.1`` still there): listdir's names are stale."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.armed = True
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(os, name)
+
+    def listdir(self, path: Path) -> list[str]:
+        names = os.listdir(path)
+        if self.armed:
+            self.armed = False
+            base = self.dir / BASE
+            Path(f"{base}.1.gz").rename(f"{base}.2.gz")
+            base.rename(f"{base}.1")
+            base.touch()
+            whole = gzip.compress(Path(f"{base}.1").read_bytes())
+            Path(f"{base}.1.gz").write_bytes(whole[: len(whole) // 2])
+        return names
+
+
+def test_a_listing_made_while_the_engine_rotates_does_not_lose_the_open_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """listdir saw ``<id>-json.log`` and the old ``.1.gz``; by their stat, the file being
+    read is ``.1`` (not listed) and ``.1.gz`` is a gzip without a first line yet: the file
+    read is still linked, so still named, and is looked for again rather than taken as
+    rotated away (a gap, and the chain read again from its oldest file)."""
+    import forwarder.tail as tail
+
+    w = Writer(tmp_path, max_files=3, compress=True)
+    w.write(5)
+    w.rotate()
+    w.write(5)
+    tailer = FileTailer(tmp_path, NAMING, block_bytes=64)
+    events = tailer.read()
+    racing = CompressingAfterListdir(tmp_path)
+    monkeypatch.setattr(tail, "os", racing)
+    events += tailer.read()
+    monkeypatch.undo()
+    assert not racing.armed
+    one = tmp_path / (BASE + ".1")  # the engine finishes the compression
+    Path(f"{one}.gz").write_bytes(gzip.compress(one.read_bytes()))
+    one.unlink()
+    w.write(5)
+    events += tailer.read()
+    assert numbers(events) == list(range(1, 16))
+    assert not any(isinstance(e, Gap) for e in events)
+    tailer.close()
+
+
+# ------------------------------------------------------------------------------ listing less
+
+
+class Flag:
+    def __init__(self) -> None:
+        self.changed = False
+
+    def take(self) -> bool:
+        changed, self.changed = self.changed, False
+        return changed
+
+
+def test_the_end_of_the_newest_file_lists_only_after_a_change(tmp_path: Path) -> None:
+    d = tmp_path / "plain"
+    d.mkdir()
+    w = Writer(d, max_files=3, compress=False)
+    flag = Flag()
+    tailer = FileTailer(d, NAMING, changes=flag)
+    w.write(5)
+    events = tailer.read()
+    listed = tailer.listings
+    for _ in range(20):
+        w.write(1)
+        events += tailer.read()
+        events += tailer.read()
+    assert tailer.listings == listed, "no change, no listing"
+    w.rotate()  # a rename: the open file is still linked
+    w.write(2)
+    events += tailer.read()
+    assert numbers(events) == list(range(1, 26))
+    flag.changed = True  # the watcher saw the rename
+    events += tailer.read()
+    assert numbers(events) == list(range(1, 28))
+    assert tailer.listings > listed
+    tailer.close()
+
+
+def test_a_deleted_open_file_is_noticed_without_a_change_event(tmp_path: Path) -> None:
+    # Compression deletes the rotated plain file: its link count drops to 0.
+    d = tmp_path / "gzip"
+    d.mkdir()
+    w = Writer(d, max_files=3, compress=True)
+    tailer = FileTailer(d, NAMING, changes=Flag())
+    w.write(5)
+    events = tailer.read()
+    w.rotate()
+    w.write(2)
+    events += tailer.read()
+    assert numbers(events) == list(range(1, 8))
+    tailer.close()
+
+
+def test_one_inotify_instance_watches_more_directories_than_instances_allow(
+    tmp_path: Path,
+) -> None:
+    """``fs.inotify.max_user_instances`` is 128 by default: 200 followed containers must
+    still be watched with inotify, each woken by its own directory only."""
+    import asyncio
+
+    from forwarder.tail import Watcher
+
+    dirs = [tmp_path / f"c{i}" for i in range(200)]
+    for d in dirs:
+        d.mkdir()
+
+    async def run() -> tuple[list[str], list[bool]]:
+        watchers = [Watcher(d, poll_interval=60.0) for d in dirs]
+        try:
+            for w in watchers:
+                w.take()  # forget "whatever happened before the watch began"
+            (dirs[150] / BASE).write_bytes(b"x\n")
+            async with asyncio.timeout(10.0):
+                await watchers[150].wait()
+            await asyncio.sleep(0)  # let any other (wrong) wake-up be dispatched
+            return [w.mode for w in watchers], [w.take() for w in watchers]
+        finally:
+            for w in watchers:
+                w.close()
+
+    modes, changed = asyncio.run(run())
+    assert modes == ["inotify"] * 200
+    assert changed == [i == 150 for i in range(200)]

@@ -133,7 +133,8 @@ class JsonFileLogSource:
                 if tailer.ended or not follow or (stopped is not None and stopped.is_set()):
                     break
                 if watcher is None:
-                    watcher = Watcher(tailer.directory, self.poll_interval_s)
+                    # Lists the directory only when it may have changed from here on.
+                    watcher = tailer.changes = Watcher(tailer.directory, self.poll_interval_s)
                 await _wait(watcher, stopped)
             reader.finish()
         finally:
