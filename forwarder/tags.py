@@ -11,7 +11,8 @@ service.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from forwarder.records import ContainerInfo
 
@@ -31,6 +32,7 @@ _FIELDS: dict[str, Callable[[ContainerInfo], str]] = {
 }
 
 Template = Callable[[ContainerInfo], str]
+T = TypeVar("T")
 
 
 class TemplateError(ValueError):
@@ -43,7 +45,17 @@ def _label(key: str) -> Callable[[ContainerInfo], str]:
 
 def compile_template(template: str) -> Template:
     """Turn a template into a function of a container; unknown fields are an error."""
-    parts: list[str | Callable[[ContainerInfo], str]] = []
+    return compile_fields(template, _FIELDS, _label)
+
+
+def compile_fields(
+    template: str,
+    fields: Mapping[str, Callable[[T], str]],
+    label: Callable[[str], Callable[[T], str]] | None = None,
+) -> Callable[[T], str]:
+    """A template of ``{{.Field}}`` (and, with ``label``, ``{{index .ContainerLabels "k"}}``)
+    as a function of what the fields read; an unknown field is an error naming the known."""
+    parts: list[str | Callable[[T], str]] = []
     pos = 0
     for match in _FIELD_RE.finditer(template):
         literal = template[pos : match.start()]
@@ -52,15 +64,18 @@ def compile_template(template: str) -> Template:
         if literal:
             parts.append(literal)
         name = match[1]
-        if name is None:
-            parts.append(_label(match[2].replace('\\"', '"').replace("\\\\", "\\")))
+        if name is None and label is not None:
+            parts.append(label(match[2].replace('\\"', '"').replace("\\\\", "\\")))
             pos = match.end()
             continue
-        if name not in _FIELDS:
-            allowed = " ".join("{{." + k + "}}" for k in _FIELDS)
-            allowed += ' {{index .ContainerLabels "key"}}'
-            raise TemplateError(f"{template!r}: unknown field .{name} (allowed: {allowed})")
-        parts.append(_FIELDS[name])
+        if name not in fields:
+            allowed = " ".join("{{." + k + "}}" for k in fields)
+            if label is not None:
+                allowed += ' {{index .ContainerLabels "key"}}'
+            raise TemplateError(
+                f"{template!r}: unknown field .{name or 'ContainerLabels'} (allowed: {allowed})"
+            )
+        parts.append(fields[name])
         pos = match.end()
     tail = template[pos:]
     if _ANY_ACTION_RE.search(tail):
@@ -68,7 +83,7 @@ def compile_template(template: str) -> Template:
     if tail:
         parts.append(tail)
 
-    def render(container: ContainerInfo) -> str:
-        return "".join(p if isinstance(p, str) else p(container) for p in parts)
+    def render(item: T) -> str:
+        return "".join(p if isinstance(p, str) else p(item) for p in parts)
 
     return render

@@ -11,12 +11,12 @@ expression its README gives for containerd and CRI-O,
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 from forwarder.kubernetes.pods import PodLog
 from forwarder.records import LogLine
+from forwarder.tags import compile_fields
 
 DEFAULT_TAG = (
     "kubernetes.var.log.containers.{{.PodName}}_{{.Namespace}}_{{.ContainerName}}-"
@@ -24,9 +24,6 @@ DEFAULT_TAG = (
 )
 """The tag ``in_tail`` gives a line of ``/var/log/containers/<pod>_<ns>_<ctr>-<id>.log``
 with ``tag kubernetes.*``."""
-
-_FIELD_RE = re.compile(r"\{\{\s*\.([A-Za-z]+)\s*\}\}")
-_ANY_ACTION_RE = re.compile(r"\{\{|\}\}")
 
 _FIELDS: dict[str, Callable[[PodLog], str]] = {
     "PodName": lambda p: p.pod,
@@ -38,35 +35,9 @@ _FIELDS: dict[str, Callable[[PodLog], str]] = {
 }
 
 
-class TemplateError(ValueError):
-    pass
-
-
 def compile_tag(template: str) -> Callable[[PodLog], str]:
     """A tag template of a CRI log's fields; an unknown field is an error naming the known."""
-    parts: list[str | Callable[[PodLog], str]] = []
-    pos = 0
-    for match in _FIELD_RE.finditer(template):
-        literal = template[pos : match.start()]
-        if _ANY_ACTION_RE.search(literal):
-            raise TemplateError(f"{template!r}: unsupported template action in {literal!r}")
-        if literal:
-            parts.append(literal)
-        if match[1] not in _FIELDS:
-            allowed = " ".join("{{." + k + "}}" for k in _FIELDS)
-            raise TemplateError(f"{template!r}: unknown field .{match[1]} (allowed: {allowed})")
-        parts.append(_FIELDS[match[1]])
-        pos = match.end()
-    tail = template[pos:]
-    if _ANY_ACTION_RE.search(tail):
-        raise TemplateError(f"{template!r}: unsupported template action in {tail!r}")
-    if tail:
-        parts.append(tail)
-
-    def render(log: PodLog) -> str:
-        return "".join(p if isinstance(p, str) else p(log) for p in parts)
-
-    return render
+    return compile_fields(template, _FIELDS)
 
 
 def kubernetes_map(log: PodLog) -> dict[str, Any]:
