@@ -35,10 +35,10 @@ import os
 import re
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final, NamedTuple, Protocol
+from typing import IO, Any, Final, NamedTuple, Protocol
 
 __all__ = [
     "Block",
@@ -763,3 +763,18 @@ async def follow(
     finally:
         watcher.close()
         tailer.close()
+
+
+async def wait_first(*awaitables: Awaitable[Any]) -> list[asyncio.Future[Any]]:
+    """Until one of ``awaitables`` is done; the others are cancelled (and their end awaited).
+    Returns them all, in order: a finished one is ``done()`` and not ``cancelled()``."""
+    tasks: list[asyncio.Future[Any]] = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    return tasks

@@ -21,7 +21,6 @@ set (the container died: the engine has written its last line) and everything wa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -42,6 +41,7 @@ from forwarder.tail import (
     Opened,
     TailPosition,
     Watcher,
+    wait_first,
 )
 from forwarder.timefmt import format_time
 
@@ -148,16 +148,7 @@ async def _wait(watcher: Watcher, stopped: asyncio.Event | None) -> None:
     if stopped is None:
         await watcher.wait()
         return
-    changed = asyncio.ensure_future(watcher.wait())
-    ended = asyncio.ensure_future(stopped.wait())
-    try:
-        await asyncio.wait((changed, ended), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (changed, ended):
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+    await wait_first(watcher.wait(), stopped.wait())
 
 
 class _Reader:

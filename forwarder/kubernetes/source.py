@@ -38,7 +38,7 @@ from forwarder.kubernetes.pods import (
     rotation_order,
 )
 from forwarder.records import ContainerId, ContainerInfo, LogLine, Position
-from forwarder.tail import Naming, Watcher
+from forwarder.tail import Naming, Watcher, wait_first
 
 log = logging.getLogger(__name__)
 
@@ -175,16 +175,7 @@ class KubernetesSource:
             await self._stop_all()
 
     async def _wait(self, watcher: Watcher) -> None:
-        changed = asyncio.ensure_future(watcher.wait())
-        ended = asyncio.ensure_future(self._ended.get())
-        try:
-            await asyncio.wait((changed, ended), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (changed, ended):
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+        _, ended = await wait_first(watcher.wait(), self._ended.get())
         pending = [ended.result()] if ended.done() and not ended.cancelled() else []
         while not self._ended.empty():
             pending.append(self._ended.get_nowait())
