@@ -277,7 +277,9 @@ def test_sighup_swaps_the_servers_under_a_steady_stream_without_losing_a_line(
     new.wait_for(lambda rs: len(log_lines(rs, cid)) >= 200, timeout=30)
     engine.docker("stop", "-t", "0", cid)
     written = len(Demuxer().feed(engine.logs_api_bytes(cid, timestamps=True)))
-    assert written >= 400  # 200 or more went to each server
+    # The stream went on through the new server (which may also get a few of the old one's
+    # unacked chunks again: at least once).
+    assert max(numbers(new.records, cid)) > max(numbers(old.records, cid))
 
     def arrived() -> set[int]:
         return set(numbers(old.records, cid)) | set(numbers(new.records, cid))
