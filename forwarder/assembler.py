@@ -54,6 +54,10 @@ class ChunkAssembler:
         """The engine's name, for the ``host`` extra key (discovery learns it)."""
         self._added = asyncio.Event()
         self._clock = time.monotonic
+        # Sealed chunks on their way into the buffer: a sealed chunk is out of the chunker,
+        # so a put cut short by a cancellation (a follower or the flusher stopped at
+        # shutdown) would leave it nowhere, its position never committed.
+        self._putting: set[asyncio.Future[None]] = set()
         self.records_in: dict[RecordKind, int] = {"log": 0, "stats": 0, "lifecycle": 0}
         self.bytes_in: dict[RecordKind, int] = {"log": 0, "stats": 0, "lifecycle": 0}
 
@@ -132,15 +136,28 @@ class ChunkAssembler:
         await self._put(sealed)
 
     async def _put(self, chunks: list[Chunk]) -> None:
+        if not chunks:
+            return
         # Register every chunk before the first await, so positions commit in sealing order.
         for chunk in chunks:
             assert chunk.seq is not None  # sealed in this run
             self.tracker.sealed(chunk.seq, chunk.positions)
+        # The puts go on when the caller is cancelled: they finish in the background and
+        # flush() waits for them.
+        putting = asyncio.ensure_future(self._put_all(chunks))
+        self._putting.add(putting)
+        putting.add_done_callback(self._putting.discard)
+        await asyncio.shield(putting)
+
+    async def _put_all(self, chunks: list[Chunk]) -> None:
         for chunk in chunks:
             await self.buffer.put(chunk)
 
     async def flush(self) -> None:
+        """Seal every open chunk and put it in the buffer, after the puts still under way."""
         await self._put(self.chunker.flush_all())
+        while self._putting:
+            await asyncio.gather(*self._putting, return_exceptions=True)
 
     async def run_flusher(self) -> None:
         """Seal chunks when the input goes quiet, or when one has waited flush_interval."""

@@ -3,12 +3,15 @@ it reaches, and the chunks are registered in the order they were sealed."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from forwarder.assembler import ENTRY_OVERHEAD_BYTES, ChunkAssembler, split_batch
 from forwarder.buffer import ChunkBuffer
 from forwarder.checkpoint import PositionTracker
 from forwarder.config import config_from_dict
-from forwarder.records import ContainerInfo, LogLine, Position
-from tests.helpers import CID, run
+from forwarder.records import ContainerId, ContainerInfo, LogLine, Position
+from tests.helpers import CID, run, until
 
 CONTAINER = ContainerInfo(id=CID, name="/web")
 # What a line of n characters counts for in the split's estimate.
@@ -99,3 +102,40 @@ def test_a_big_batch_is_sealed_into_chunks_that_commit_in_order() -> None:
 
     assert len(parts) > 2
     assert run(scenario()) == [position for _, position in parts]
+
+
+def test_a_sealed_chunk_reaches_the_buffer_though_its_put_was_cancelled() -> None:
+    """At shutdown the followers and the flusher are cancelled, maybe in the middle of a put:
+    the sealed chunk is out of the chunker by then, so it must still reach the buffer (or its
+    position is never committed and the next start reads its lines again)."""
+    config = config_from_dict({"output": {"servers": ["tcp://127.0.0.1:24224"]}}, env={})
+
+    async def scenario() -> None:
+        tracker = PositionTracker()
+        buffer = ChunkBuffer(1)  # one chunk at a time: the next put waits for room
+        assembler = ChunkAssembler(config, buffer, tracker)
+        await assembler.add_lines(CONTAINER, lines(1, 2, 3), Position(3, 1))
+        await assembler.flush()
+        await assembler.add_lines(CONTAINER, lines(4, 5, 6), Position(6, 1))
+        blocked = asyncio.create_task(assembler.flush())
+        await until(lambda: buffer.waiting_puts == 1, what="the put to wait for room")
+        blocked.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await blocked
+        first = await buffer.get()  # the output takes the first chunk: room again
+        flushing = asyncio.create_task(assembler.flush())
+        await buffer.done(first)
+        await flushing
+        assert first.seq is not None
+        tracker.delivered(first.seq)
+        seqs = []
+        while buffer.queued:
+            chunk = await buffer.get()
+            assert chunk.seq is not None
+            seqs.append(chunk.seq)
+            tracker.delivered(chunk.seq)
+            await buffer.done(chunk)
+        assert seqs  # what the cancelled put carried is in the buffer after all
+        assert tracker.committed[ContainerId(CID)] == Position(6, 1)
+
+    run(scenario())

@@ -376,12 +376,7 @@ def test_sigterm_with_no_server_exits_once_everything_is_on_disk(
     with socket.socket() as probe:  # a port with nothing listening
         probe.bind(("127.0.0.1", 0))
         dead = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-    # Through the API: with the file source, a container first followed after the server went
-    # down sometimes leaves its position uncommitted at this shutdown (the next start then
-    # reads it whole: duplicates, nothing lost); open, in the closing note.
-    collector = make_collector(
-        dead, service={"shutdown_timeout": "60s"}, docker={"log_source": "api"}
-    )
+    collector = make_collector(dead, service={"shutdown_timeout": "60s"})
     cid = engine.run("sh", "-c", "seq 1 300 | sed 's/^/d/'; sleep 600")
     wait_until(
         lambda: (
