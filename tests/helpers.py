@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
 import uvloop
 
 from forwarder.chunks import Chunk
-from forwarder.records import ContainerId
+from forwarder.docker.logsource import RawBatch
+from forwarder.records import ContainerId, ContainerInfo, Position
 
 T = TypeVar("T")
 
@@ -58,3 +59,20 @@ def feed_all(feed: Callable[[bytes], object], *pieces: bytes) -> None:
     whichever piece completes what is wrong."""
     for piece in pieces:
         feed(piece)
+
+
+class EndlessSource:
+    """A log source whose stream stays open and says nothing."""
+
+    async def read(
+        self,
+        _container: ContainerInfo,
+        *,
+        since: str | None,
+        follow: bool,
+        position: Position | None = None,
+        stopped: asyncio.Event | None = None,
+    ) -> AsyncIterator[RawBatch]:
+        del since, follow, position, stopped  # in the real signature; unused here
+        await asyncio.Event().wait()
+        yield RawBatch([])

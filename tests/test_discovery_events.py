@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
 from typing import Any
 
 from forwarder.config import Config
 from forwarder.docker.discovery import Discovery
-from forwarder.docker.logsource import RawBatch
 from forwarder.records import ContainerId, ContainerInfo, LogLine, Position
-from tests.helpers import CID
+from tests.helpers import CID, EndlessSource
 
 
 def event(action: str, ts_ns: int = 1, cid: str = CID) -> dict[str, Any]:
@@ -32,23 +30,6 @@ class FakeEngine:
 
     async def inspect(self, cid: str) -> ContainerInfo:
         return ContainerInfo(id=cid, name="/web", image="img", running=self.running)
-
-
-class EndlessSource:
-    """A log stream that stays open and says nothing."""
-
-    async def read(
-        self,
-        _container: ContainerInfo,
-        *,
-        since: str | None,
-        follow: bool,
-        position: Position | None = None,
-        stopped: asyncio.Event | None = None,
-    ) -> AsyncIterator[RawBatch]:
-        del since, follow, position, stopped  # in the real signature; unused here
-        await asyncio.Event().wait()
-        yield RawBatch([])
 
 
 async def no_lines(container: ContainerInfo, lines: list[LogLine], position: Position) -> None:

@@ -17,7 +17,7 @@ from forwarder.docker.discovery import Discovery
 from forwarder.docker.logsource import EngineLogSource, RawBatch
 from forwarder.records import ContainerId, ContainerInfo, LogLine, Position, RawLine
 from forwarder.timefmt import format_since
-from tests.helpers import CID
+from tests.helpers import CID, EndlessSource
 
 S = 1_000_000_000
 T0 = 1_795_989_450 * S  # 2026-11-29T21:57:30Z
@@ -181,24 +181,9 @@ class FlakyListing(FakeEngine):
         yield {}
 
 
-class SilentSource:
-    async def read(
-        self,
-        _container: ContainerInfo,
-        *,
-        since: str | None,
-        follow: bool,
-        position: Position | None = None,
-        stopped: asyncio.Event | None = None,
-    ) -> AsyncIterator[RawBatch]:
-        del since, follow, position, stopped  # in the real signature; unused here
-        await asyncio.Event().wait()
-        yield RawBatch([])
-
-
 def test_discovery_that_raises_is_logged_and_lists_again(caplog: pytest.LogCaptureFixture) -> None:
     engine = FlakyListing()
-    discovery = make_discovery(engine, SilentSource(), [])
+    discovery = make_discovery(engine, EndlessSource(), [])
 
     async def main() -> None:
         followed = asyncio.Event()
