@@ -76,3 +76,13 @@ class EndlessSource:
         del since, follow, position, stopped  # in the real signature; unused here
         await asyncio.Event().wait()
         yield RawBatch([])
+
+
+def log_view(records: list[Any], cid: str) -> list[tuple[Any, ...]]:
+    """A container's log records as comparable tuples (tag, time, sorted items), sorted:
+    what the fluentd-driver comparisons hold forwarder's records against."""
+    return sorted(
+        (r["tag"], r["time_ns"], tuple(sorted(r["record"].items())))
+        for r in records
+        if r["record"].get("container_id") == cid and "log" in r["record"]
+    )

@@ -16,6 +16,7 @@ from tests.harness.collector import CollectorProcess
 from tests.harness.engine import Engine
 from tests.harness.polling import wait_until
 from tests.harness.receivers import ForwardReceiver, NodeReceiver
+from tests.helpers import log_view
 
 MakeCollector = Callable[..., CollectorProcess]
 
@@ -154,14 +155,7 @@ def test_records_match_dockers_fluentd_log_driver(
     theirs = drivers.wait_for(3, timeout=30)
     mine = ours.wait_for(lambda rs: len(logs_of(rs, cid)) >= 3, timeout=30)
 
-    def view(records: list[Any]) -> list[tuple[Any, ...]]:
-        return sorted(
-            (r["tag"], r["time_ns"], tuple(sorted(r["record"].items())))
-            for r in records
-            if r["record"].get("container_id") == cid and "log" in r["record"]
-        )
-
-    assert view(mine) == view(theirs)
+    assert log_view(mine, cid) == log_view(theirs, cid)
 
 
 def test_sigterm_gives_a_clean_exit(

@@ -11,6 +11,7 @@ from tests.harness.collector import CollectorProcess
 from tests.harness.engine import Engine
 from tests.harness.polling import wait_until
 from tests.harness.receivers import ForwardReceiver
+from tests.helpers import log_view
 
 MakeCollector = Callable[..., CollectorProcess]
 
@@ -65,14 +66,7 @@ def test_extra_keys_match_dockers_fluentd_driver_with_labels_and_env(
     theirs = drivers.wait_for(2, timeout=30)
     mine = ours.wait_for(lambda rs: len(logs_of(rs, cid)) >= 2, timeout=30)
 
-    def view(records: list[Any]) -> list[tuple[Any, ...]]:
-        return sorted(
-            (r["tag"], r["time_ns"], tuple(sorted(r["record"].items())))
-            for r in records
-            if r["record"].get("container_id") == cid and "log" in r["record"]
-        )
-
-    assert view(mine) == view(theirs)
+    assert log_view(mine, cid) == log_view(theirs, cid)
     record = next(
         r["record"] for r in mine if r["record"].get("container_id") == cid and "log" in r["record"]
     )
